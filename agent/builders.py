@@ -1,0 +1,267 @@
+"""Builder backends: build a Dockerfile for one platform and export the image as an OCI layout.
+
+Each backend runs its commands through a ``Runner``, which puts every command in its own process
+group so that a cancelled build can be killed whole (buildah's and docker's children included).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import threading
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Sequence
+
+__all__ = ["BuildSpec", "BuilderFailed", "Cancelled", "Runner", "export_image"]
+
+LOG_TAIL = 30
+_KILL_GRACE = 5.0
+
+
+class BuilderFailed(Exception):
+    """A builder command exited non-zero; ``tail`` holds its last lines of output."""
+
+    def __init__(self, message: str, tail: Sequence[str]) -> None:
+        super().__init__(message)
+        self.tail = list(tail)
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Runner:
+    """Runs commands one at a time, streaming their output, killable from another thread."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self._log = log
+        self._lock = threading.Lock()
+        self._process: Optional["subprocess.Popen[bytes]"] = None
+        self._cancelled = False
+        self.tail: Deque[str] = deque(maxlen=LOG_TAIL)
+
+    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None, quiet: bool = False) -> str:
+        """Run ``argv``; stream (or, when ``quiet``, only remember) its output; return it."""
+        with self._lock:
+            if self._cancelled:
+                raise Cancelled()
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        process = self._process
+        assert process.stdout is not None
+        output: List[str] = []
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            output.append(line)
+            self.tail.append(line)
+            if not quiet:
+                self._log(line)
+        code = process.wait()
+        with self._lock:
+            self._process = None
+            if self._cancelled:
+                raise Cancelled()
+        if code != 0:
+            raise BuilderFailed("%s exited with status %d" % (os.path.basename(argv[0]), code), self.tail)
+        return "\n".join(output)
+
+    def cancel(self) -> None:
+        """Kill the running command's whole process group: TERM, then KILL after a grace period."""
+        with self._lock:
+            self._cancelled = True
+            process = self._process
+        if process is None:
+            return
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(_KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: "subprocess.Popen[bytes]", signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class BuildSpec:
+    """Everything a backend needs for one build, in the build's own folder."""
+
+    def __init__(
+        self,
+        builder: str,
+        workdir: str,
+        build_dir: str,
+        platform: str,
+        dockerfile: str,
+        build_args: Dict[str, str],
+        target: str,
+        insecure_registries: Sequence[str],
+    ) -> None:
+        self.builder = builder
+        self.workdir = workdir
+        self.build_dir = build_dir
+        self.context_dir = os.path.join(build_dir, "context")
+        self.dockerfile_path = os.path.join(build_dir, "Dockerfile")
+        self.layout_dir = os.path.join(build_dir, "image")
+        self.platform = platform
+        self.dockerfile = dockerfile
+        self.build_args = build_args
+        self.target = target
+        self.insecure_registries = list(insecure_registries)
+
+
+def export_image(spec: BuildSpec, runner: Runner) -> str:
+    """Build ``spec`` and leave its image as an OCI layout in ``spec.layout_dir``; return it."""
+    with open(spec.dockerfile_path, "w", encoding="utf-8") as dockerfile:
+        dockerfile.write(spec.dockerfile)
+    if spec.builder in ("buildah", "podman"):
+        _build_with_containers_tools(spec, runner)
+    elif spec.builder == "docker":
+        _build_with_docker(spec, runner)
+    else:
+        raise ValueError("unknown builder %r" % spec.builder)
+    return spec.layout_dir
+
+
+def _common_build_flags(spec: BuildSpec, iidfile: str) -> List[str]:
+    flags = ["--platform", spec.platform, "-f", spec.dockerfile_path, "--iidfile", iidfile]
+    for key, value in sorted(spec.build_args.items()):
+        flags += ["--build-arg", "%s=%s" % (key, value)]
+    if spec.target:
+        flags += ["--target", spec.target]
+    return flags
+
+
+def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
+    storage = os.path.join(spec.workdir, "storage", spec.builder)
+    base = [
+        spec.builder,
+        "--root", os.path.join(storage, "root"),
+        "--runroot", os.path.join(storage, "run"),
+        "--storage-driver", "vfs",
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env["CONTAINERS_REGISTRIES_CONF"] = _write_registries_conf(spec)
+    iidfile = os.path.join(spec.build_dir, "iid")
+    build = ["bud", "--isolation", "chroot"] if spec.builder == "buildah" else ["build"]
+    runner.run(base + build + ["--layers", "--network", "host"] + _common_build_flags(spec, iidfile) + [spec.context_dir], env)
+    image_id = _read(iidfile)
+    try:
+        runner.run(base + ["push", "--quiet", image_id, "oci:" + spec.layout_dir], env, quiet=True)
+    finally:
+        runner.run(base + ["rmi", "--force", image_id], env, quiet=True)
+
+
+def _write_registries_conf(spec: BuildSpec) -> str:
+    """Plain-HTTP registries for this build only, without touching the node's own config."""
+    path = os.path.join(spec.build_dir, "registries.conf")
+    with open(path, "w") as conf:
+        conf.write('short-name-mode = "disabled"\n')
+        for host in spec.insecure_registries:
+            conf.write('[[registry]]\nlocation = "%s"\ninsecure = true\n' % host)
+    return path
+
+
+def _build_with_docker(spec: BuildSpec, runner: Runner) -> None:
+    env = dict(os.environ)
+    # The classic builder honours --platform; BuildKit needs buildx, which nodes may lack.
+    env["DOCKER_BUILDKIT"] = "0"
+    iidfile = os.path.join(spec.build_dir, "iid")
+    runner.run(["docker", "build", "--network", "host"] + _common_build_flags(spec, iidfile) + [spec.context_dir], env)
+    image_id = _read(iidfile)
+    archive = os.path.join(spec.build_dir, "image.tar")
+    try:
+        runner.run(["docker", "save", "-o", archive, image_id], env, quiet=True)
+    finally:
+        runner.run(["docker", "rmi", "--force", image_id], env, quiet=True)
+    _docker_archive_to_layout(archive, spec.layout_dir)
+    os.unlink(archive)
+
+
+def _docker_archive_to_layout(archive: str, layout: str) -> None:
+    """Turn ``docker save`` output into a layout holding a Docker v2 manifest, as ``docker push`` would."""
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        saved = json.load(_member(tar, "manifest.json"))[0]
+        config = _member(tar, saved["Config"]).read()
+        config_digest = _store(blobs, config)
+        layers = []
+        for name in saved["Layers"]:
+            layer_digest, size = _store_gzipped(blobs, _member(tar, name))
+            layers.append(
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": size,
+                    "digest": layer_digest,
+                }
+            )
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": len(config),
+            "digest": config_digest,
+        },
+        "layers": layers,
+    }
+    raw = json.dumps(manifest, indent=3).encode()
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": manifest["mediaType"], "digest": _store(blobs, raw), "size": len(raw)}],
+    }
+    with open(os.path.join(layout, "index.json"), "w") as index_file:
+        json.dump(index, index_file)
+    with open(os.path.join(layout, "oci-layout"), "w") as marker:
+        json.dump({"imageLayoutVersion": "1.0.0"}, marker)
+
+
+def _member(tar: tarfile.TarFile, name: str):  # type: ignore[no-untyped-def]
+    extracted = tar.extractfile(name)
+    if extracted is None:
+        raise ValueError("docker save output lacks %s" % name)
+    return extracted
+
+
+def _store(blobs: str, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(blobs, digest), "wb") as blob:
+        blob.write(data)
+    return "sha256:" + digest
+
+
+def _store_gzipped(blobs: str, source) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+    partial = os.path.join(blobs, ".partial")
+    with open(partial, "wb") as raw:
+        # mtime=0 and no file name: the same layer always compresses to the same digest.
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped:
+            shutil.copyfileobj(source, zipped, 1024 * 1024)
+    hasher = hashlib.sha256()
+    with open(partial, "rb") as written:
+        for chunk in iter(lambda: written.read(1024 * 1024), b""):
+            hasher.update(chunk)
+    digest = hasher.hexdigest()
+    os.replace(partial, os.path.join(blobs, digest))
+    return "sha256:" + digest, os.path.getsize(os.path.join(blobs, digest))
+
+
+def _read(path: str) -> str:
+    with open(path) as source:
+        return source.read().strip()

@@ -1,0 +1,84 @@
+"""What a node is: read from the machine itself, reported raw.
+
+The coordinator turns these facts into platforms (it owns the normalisation rules); the agent
+only says what ``uname -m`` and binfmt_misc say, so the two can never disagree about names.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any, Dict, List
+
+__all__ = ["BUILDERS", "probe"]
+
+BUILDERS = ("buildah", "podman", "docker")
+_BINFMT = "/proc/sys/fs/binfmt_misc"
+
+
+def probe(workdir: str) -> Dict[str, Any]:
+    os.makedirs(workdir, exist_ok=True)
+    disk = shutil.disk_usage(workdir)
+    return {
+        "machine": platform.machine(),
+        "system": platform.system().lower(),
+        "python": "%d.%d.%d" % sys.version_info[:3],
+        "cores": os.cpu_count() or 1,
+        "memory_bytes": _memory_bytes(),
+        "disk_free_bytes": disk.free,
+        "workdir": os.path.abspath(workdir),
+        "builders": [name for name in BUILDERS if _builder_works(name)],
+        "emulators": _emulators(),
+    }
+
+
+def _memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _emulators() -> List[str]:
+    """The QEMU architectures (``aarch64``, ``arm``, ...) with an enabled binfmt_misc handler."""
+    try:
+        names = sorted(os.listdir(_BINFMT))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not name.startswith("qemu-"):
+            continue
+        try:
+            with open(os.path.join(_BINFMT, name)) as handler:
+                enabled = handler.readline().strip() == "enabled"
+        except OSError:
+            continue
+        if enabled:
+            found.append(name[len("qemu-"):])
+    return found
+
+
+def _builder_works(name: str) -> bool:
+    if shutil.which(name) is None:
+        return False
+    if name != "docker":
+        return True
+    # The docker client is useless without a daemon to talk to.
+    try:
+        done = subprocess.run(
+            ["docker", "version", "--format", "{{.Server.Version}}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

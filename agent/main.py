@@ -1,0 +1,214 @@
+"""The agent's main loop: read requests on stdin, answer on stdout, build in a worker thread.
+
+The coordinator is the agent's lifeline. When stdin closes, or heartbeats stop during a build,
+the build's process group is killed and its folder removed, so a coordinator that dies, even by
+SIGKILL, leaves nothing running on the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+from typing import IO, Any, Dict, List, Optional
+
+from agent import facts
+from agent.builders import BuilderFailed, BuildSpec, Cancelled, Runner, export_image
+from agent.protocol import (
+    HEARTBEAT_TIMEOUT,
+    MARKER,
+    PROTOCOL_VERSION,
+    Entry,
+    Message,
+    ProtocolError,
+    context_digest,
+    encode,
+    entries_from_json,
+    read_message,
+)
+from agent.store import ContentStore, UnsafeEntryError, check_entries
+from agent.upload import PushError, push_layout
+
+__all__ = ["main"]
+
+_BUILD_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+class _Writer:
+    """Messages from several threads, each written whole."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        data = encode(kind, **fields)
+        with self._lock:
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # The coordinator is gone; the lifeline will stop the build.
+
+
+class Agent:
+    def __init__(self, workdir: str, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.workdir = os.path.abspath(workdir)
+        self.stdin = stdin
+        self.out = _Writer(stdout)
+        self.store = ContentStore(self.workdir)
+        self.last_heartbeat = time.monotonic()
+        self.runner: Optional[Runner] = None
+        self.build_thread: Optional[threading.Thread] = None
+        self.finished = threading.Event()
+
+    def serve(self) -> None:
+        stdout = self.out
+        stdout._stream.write(MARKER + b"\n")
+        stdout._stream.flush()
+        watchdog = threading.Thread(target=self._watch_heartbeats, daemon=True)
+        watchdog.start()
+        try:
+            while True:
+                message = read_message(self.stdin)
+                if message is None:
+                    break
+                self._dispatch(message)
+        except ProtocolError as exc:
+            self.out.send("error", kind="input", message="protocol error: %s" % exc)
+        finally:
+            self._cancel()
+            if self.build_thread is not None:
+                self.build_thread.join()
+            self.finished.set()
+
+    def _dispatch(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "hello":
+            if message.get("version") != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    "coordinator speaks protocol %r, this agent %d" % (message.get("version"), PROTOCOL_VERSION)
+                )
+            self.out.send("hello", version=PROTOCOL_VERSION, python=sys.version.split()[0], pid=os.getpid())
+        elif kind == "facts":
+            self.out.send("facts", **facts.probe(self.workdir))
+        elif kind == "sync":
+            self._sync(message)
+        elif kind == "build":
+            if self.build_thread is not None:
+                raise ProtocolError("one build per agent session")
+            self.last_heartbeat = time.monotonic()
+            self.runner = Runner(lambda line: self.out.send("log", line=line))
+            self.build_thread = threading.Thread(target=self._build, args=(message, self.runner))
+            self.build_thread.start()
+        elif kind == "heartbeat":
+            self.last_heartbeat = time.monotonic()
+        elif kind == "cancel":
+            self._cancel()
+        else:
+            raise ProtocolError("unknown message type %r" % kind)
+
+    def _sync(self, message: Message) -> None:
+        """Receive a context manifest, ask for what the store lacks, take those blobs."""
+        entries = entries_from_json(message.get("entries"))
+        digest = message.get("context")
+        try:
+            check_entries(entries)
+            if digest != context_digest(entries):
+                raise UnsafeEntryError("context %r does not match its manifest" % digest)
+        except UnsafeEntryError as exc:
+            self.out.send("error", kind="input", message=str(exc))
+            return
+        needed = self.store.missing(entry[3] for entry in entries if entry[3])
+        self.out.send("need", digests=needed)
+        for wanted in needed:
+            blob = read_message(self.stdin)
+            if blob is None or blob["type"] != "blob" or blob.get("digest") != wanted:
+                raise ProtocolError("expected blob %s, got %r" % (wanted, blob))
+            try:
+                self.store.receive(wanted, int(blob["size"]), self.stdin)
+            except UnsafeEntryError as exc:
+                raise ProtocolError(str(exc)) from exc
+        self.store.save_context(digest, entries)
+        self.out.send("synced", context=digest, received=len(needed))
+
+    def _build(self, request: Message, runner: Runner) -> None:
+        build_id = str(request.get("build_id", ""))
+        if not _BUILD_ID.match(build_id):
+            self.out.send("error", kind="input", message="bad build id %r" % build_id)
+            return
+        build_dir = os.path.join(self.workdir, "builds", build_id)
+        try:
+            self._run_build(request, build_dir, runner)
+        except Cancelled:
+            self.out.send("error", kind="node", message="build cancelled")
+        except BuilderFailed as exc:
+            self.out.send("error", kind="build", message=str(exc), log_tail=exc.tail)
+        except PushError as exc:
+            self.out.send("error", kind="registry", message=str(exc), status=exc.status)
+        except (UnsafeEntryError, KeyError, ValueError) as exc:
+            self.out.send("error", kind="input", message=str(exc))
+        except OSError as exc:
+            self.out.send("error", kind="node", message="%s: %s" % (type(exc).__name__, exc))
+        except Exception as exc:  # noqa: BLE001 - the coordinator must hear of any failure
+            self.out.send(
+                "error", kind="node", message="agent bug: %r" % exc, log_tail=traceback.format_exc().splitlines()
+            )
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
+
+    def _run_build(self, request: Message, build_dir: str, runner: Runner) -> None:
+        context = str(request["context"])
+        if not self.store.has_context(context):
+            raise ValueError("context %s was not synced to this node" % context)
+        entries: List[Entry] = self.store.load_context(context)
+        if os.path.exists(build_dir):
+            shutil.rmtree(build_dir)
+        os.makedirs(build_dir)
+        spec = BuildSpec(
+            builder=str(request["builder"]),
+            workdir=self.workdir,
+            build_dir=build_dir,
+            platform=str(request["platform"]),
+            dockerfile=str(request["dockerfile"]),
+            build_args=_string_map(request.get("build_args", {})),
+            target=str(request.get("target") or ""),
+            insecure_registries=[str(host) for host in request.get("insecure_registries", [])],
+        )
+        self.store.lay_out(entries, spec.context_dir)
+        layout = export_image(spec, runner)
+        push = request["push"]
+        digest, size, media_type = push_layout(
+            layout, str(push["registry_url"]), str(push["repository"]), push.get("authorization")
+        )
+        self.out.send("result", digest=digest, size=size, media_type=media_type)
+
+    def _cancel(self) -> None:
+        if self.runner is not None:
+            self.runner.cancel()
+
+    def _watch_heartbeats(self) -> None:
+        while not self.finished.wait(1.0):
+            running = self.build_thread is not None and self.build_thread.is_alive()
+            if running and time.monotonic() - self.last_heartbeat > HEARTBEAT_TIMEOUT:
+                self._cancel()
+
+
+def _string_map(value: Any) -> Dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError("build_args must be a map")
+    return {str(key): str(item) for key, item in value.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="farm-agent", description="farm's node agent")
+    parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/farm-agent"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    Agent(args.workdir, sys.stdin.buffer, sys.stdout.buffer).serve()
+    return 0

@@ -1,0 +1,141 @@
+"""The agent protocol: what the coordinator and an agent say to each other, and how it is framed.
+
+One definition for both sides: the coordinator imports this module from the agent package, and
+the agent depends on nothing but the standard library (it runs on a node's Python 3.9).
+
+Framing, on the agent's stdin and stdout:
+
+* The agent first writes ``MARKER`` on a line of its own. Everything before it is ignored, so a
+  chatty login profile on a node cannot confuse the coordinator.
+* Every message is one line of JSON: an object with a ``type`` field.
+* A ``blob`` message is followed by exactly ``size`` raw bytes: file contents never go through
+  JSON.
+
+The conversation:
+
+    coordinator                          agent
+    hello {version}                ->
+                                   <-    hello {version, python, pid}
+    facts {workdir}                ->
+                                   <-    facts {...}
+    sync {context, entries}        ->
+                                   <-    need {digests}
+    blob {digest, size} + bytes    ->    (one per needed digest)
+                                   <-    synced {context}
+    build {...}                    ->
+    heartbeat                      ->    (every HEARTBEAT_INTERVAL; silence ends the build)
+                                   <-    log {line}  (as the builder prints)
+                                   <-    result {digest, size, media_type} | error {...}
+    cancel                         ->    (or closing stdin: the build is killed either way)
+
+Errors carry a ``kind`` saying whose fault they are: ``node`` (try another node), ``build`` (would
+fail anywhere), ``input`` (the request itself is wrong) or ``registry``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import IO, Any, Dict, List, Optional, Tuple
+
+PROTOCOL_VERSION = 1
+MARKER = b"--- farm agent protocol v%d ---" % PROTOCOL_VERSION
+HEARTBEAT_INTERVAL = 5.0
+HEARTBEAT_TIMEOUT = 20.0
+MAX_LINE = 64 * 1024 * 1024
+
+ERROR_KINDS = ("node", "build", "input", "registry")
+
+# A context manifest entry: (path, mode, size, digest, link target).
+# ``mode`` holds the file type bits too (stat.S_IFREG | 0o644 ...); ``digest`` is "" for
+# anything but regular files; ``link`` is "" for anything but symlinks.
+Entry = Tuple[str, int, int, str, str]
+
+Message = Dict[str, Any]
+
+__all__ = [
+    "ERROR_KINDS",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_TIMEOUT",
+    "MARKER",
+    "PROTOCOL_VERSION",
+    "Entry",
+    "Message",
+    "ProtocolError",
+    "context_digest",
+    "decode",
+    "encode",
+    "entries_from_json",
+    "read_message",
+    "write_message",
+]
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing or sent something this side cannot understand."""
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    """One message as the bytes of its line."""
+    fields["type"] = kind
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    """Parse one line into a message; the caller checks ``type``."""
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError("not a JSON message: %r" % line[:200]) from exc
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("a message must be an object with a type: %r" % line[:200])
+    return message
+
+
+def write_message(stream: IO[bytes], kind: str, payload: Optional[bytes] = None, **fields: Any) -> None:
+    """Write one message (and a blob's bytes) to a blocking binary stream."""
+    if payload is not None:
+        fields["size"] = len(payload)
+    stream.write(encode(kind, **fields))
+    if payload is not None:
+        stream.write(payload)
+    stream.flush()
+
+
+def read_message(stream: IO[bytes]) -> Optional[Message]:
+    """Read the next message from a blocking stream, or None at end of stream.
+
+    A blob's bytes are not read here: the caller reads exactly ``size`` bytes next.
+    """
+    line = stream.readline(MAX_LINE)
+    if not line:
+        return None
+    if not line.endswith(b"\n"):
+        raise ProtocolError("message line cut short or longer than %d bytes" % MAX_LINE)
+    return decode(line)
+
+
+def entries_from_json(value: Any) -> List[Entry]:
+    """Validate a ``sync`` message's entries (they come from the other side of a wire)."""
+    if not isinstance(value, list):
+        raise ProtocolError("entries must be a list")
+    entries: List[Entry] = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 5
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], int)
+            or not isinstance(item[2], int)
+            or not isinstance(item[3], str)
+            or not isinstance(item[4], str)
+        ):
+            raise ProtocolError("malformed context entry: %r" % (item,))
+        entries.append((item[0], item[1], item[2], item[3], item[4]))
+    return entries
+
+
+def context_digest(entries: List[Entry]) -> str:
+    """The digest naming a context: sha256 of its manifest, entries sorted by path, as compact JSON."""
+    canonical = json.dumps(sorted(entries), separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,156 @@
+"""The node's content store and the build contexts laid out from it.
+
+Files arrive by sha256 and are kept under ``WORKDIR/cas``; a context manifest names them by path.
+Every entry is checked before anything touches the disk: a hostile or broken coordinator must
+not be able to write outside the build folder, plant device files or links that escape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+from typing import IO, Iterable, List, Set
+
+from agent.protocol import Entry
+
+__all__ = ["ContentStore", "UnsafeEntryError", "check_entries"]
+
+_CHUNK = 1024 * 1024
+
+
+class UnsafeEntryError(ValueError):
+    """A context entry that would escape the context or is not a plain file, folder or link."""
+
+
+class ContentStore:
+    """A sha256-addressed file store in a folder, safe for concurrent agents on one node."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._blobs = os.path.join(root, "cas", "sha256")
+        self._contexts = os.path.join(root, "contexts")
+        os.makedirs(self._blobs, exist_ok=True)
+        os.makedirs(self._contexts, exist_ok=True)
+
+    def blob_path(self, digest: str) -> str:
+        algorithm, _, encoded = digest.partition(":")
+        if algorithm != "sha256" or len(encoded) != 64 or not _is_hex(encoded):
+            raise UnsafeEntryError("not a sha256 digest: %r" % digest)
+        return os.path.join(self._blobs, encoded)
+
+    def missing(self, digests: Iterable[str]) -> List[str]:
+        """The digests the store lacks, each once, in the order first asked."""
+        seen: Set[str] = set()
+        lacking: List[str] = []
+        for digest in digests:
+            if digest in seen:
+                continue
+            seen.add(digest)
+            if not os.path.exists(self.blob_path(digest)):
+                lacking.append(digest)
+        return lacking
+
+    def receive(self, digest: str, size: int, stream: IO[bytes]) -> None:
+        """Copy ``size`` bytes from ``stream`` into the store, refusing them if the hash differs."""
+        target = self.blob_path(digest)
+        hasher = hashlib.sha256()
+        fd, partial = tempfile.mkstemp(dir=self._blobs, prefix=".partial-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                remaining = size
+                while remaining:
+                    chunk = stream.read(min(_CHUNK, remaining))
+                    if not chunk:
+                        raise EOFError("stream ended %d bytes into a %d-byte blob" % (size - remaining, size))
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    remaining -= len(chunk)
+            actual = "sha256:" + hasher.hexdigest()
+            if actual != digest:
+                raise UnsafeEntryError("blob announced as %s hashes to %s" % (digest, actual))
+            os.chmod(partial, 0o444)
+            os.replace(partial, target)
+        except BaseException:
+            os.unlink(partial)
+            raise
+
+    def save_context(self, context_digest: str, entries: List[Entry]) -> None:
+        path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
+        fd, partial = tempfile.mkstemp(dir=self._contexts, prefix=".partial-")
+        with os.fdopen(fd, "w") as out:
+            json.dump(entries, out)
+        os.replace(partial, path)
+
+    def load_context(self, context_digest: str) -> List[Entry]:
+        path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
+        with open(path) as source:
+            return [tuple(item) for item in json.load(source)]  # type: ignore[misc]
+
+    def has_context(self, context_digest: str) -> bool:
+        path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
+        return os.path.exists(path)
+
+    def lay_out(self, entries: List[Entry], destination: str) -> None:
+        """Materialise a checked context manifest in ``destination`` (which must be empty)."""
+        check_entries(entries)
+        os.makedirs(destination, exist_ok=True)
+        folders = []
+        for path, mode, _size, digest, link in entries:
+            target = os.path.join(destination, path)
+            kind = stat.S_IFMT(mode)
+            if kind == stat.S_IFDIR:
+                os.makedirs(target, exist_ok=True)
+                folders.append((target, stat.S_IMODE(mode)))
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if kind == stat.S_IFLNK:
+                os.symlink(link, target)
+            else:
+                shutil.copyfile(self.blob_path(digest), target)
+                os.chmod(target, stat.S_IMODE(mode))
+        # Folder modes last, deepest first, so a read-only folder does not stop its own filling.
+        for target, permissions in sorted(folders, key=lambda item: -len(item[0])):
+            os.chmod(target, permissions)
+
+
+def check_entries(entries: Iterable[Entry]) -> None:
+    """Refuse absolute paths, ``..``, links leaving the context and anything but files/folders/links.
+
+    Entries below a symlink are refused too: writing them would follow the link, and a link
+    checked against its spelled path could leave the context once its parent resolves elsewhere.
+    """
+    entries = list(entries)
+    links = {entry[0] for entry in entries if stat.S_ISLNK(entry[1])}
+    for path, mode, _size, digest, link in entries:
+        if not path or path.startswith("/") or "\\" in path or "\0" in path:
+            raise UnsafeEntryError("context entry with an absolute or empty path: %r" % path)
+        parts = path.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise UnsafeEntryError("context entry with '.', '..' or an empty part: %r" % path)
+        for end in range(1, len(parts)):
+            if "/".join(parts[:end]) in links:
+                raise UnsafeEntryError("context entry %r lies below a symlink" % path)
+        kind = stat.S_IFMT(mode)
+        if kind == stat.S_IFREG:
+            if not digest:
+                raise UnsafeEntryError("file without a digest: %r" % path)
+        elif kind == stat.S_IFLNK:
+            if not link or link.startswith("/") or "\0" in link:
+                raise UnsafeEntryError("link %r points outside the context: %r" % (path, link))
+            depth = len(parts) - 1
+            for part in link.split("/"):
+                depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
+                if depth < 0:
+                    raise UnsafeEntryError("link %r points outside the context: %r" % (path, link))
+        elif kind != stat.S_IFDIR:
+            raise UnsafeEntryError("context entry %r is not a file, folder or link (mode %o)" % (path, mode))
+        if stat.S_IMODE(mode) & (stat.S_ISUID | stat.S_ISGID):
+            raise UnsafeEntryError("context entry %r is setuid or setgid" % path)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)

@@ -1,0 +1,156 @@
+"""Push an image from an OCI image layout to a registry by digest, with the standard library.
+
+Builders push by tag; farm must not tag anything until every platform is done, so the agent
+exports the built image to a layout and uploads it itself: blobs first (skipping those the
+repository has), then the manifest under its digest. The manifest's bytes are sent exactly as
+the layout holds them, so the digest reported is the digest stored.
+
+Credentials never reach the node's disk: the coordinator hands over an ``Authorization`` header
+value for this push only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import ssl
+from typing import Dict, Optional, Tuple
+from urllib.parse import urlencode, urljoin, urlsplit
+
+__all__ = ["PushError", "PushedImage", "push_layout"]
+
+PushedImage = Tuple[str, int, str]  # digest, size, media type
+_CHUNK = 1024 * 1024
+_TIMEOUT = 300
+
+
+class PushError(Exception):
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def push_layout(
+    layout: str,
+    registry_url: str,
+    repository: str,
+    authorization: Optional[str] = None,
+) -> PushedImage:
+    """Upload the single image of ``layout`` into ``repository``; return its manifest descriptor."""
+    with open(os.path.join(layout, "index.json"), "rb") as index_file:
+        descriptors = json.load(index_file).get("manifests", [])
+    if len(descriptors) != 1:
+        raise PushError("the exported layout holds %d manifests, expected one" % len(descriptors))
+    digest = descriptors[0]["digest"]
+    raw = _read_blob(layout, digest)
+    manifest = json.loads(raw)
+    media_type = manifest.get("mediaType") or descriptors[0]["mediaType"]
+    session = _Session(registry_url, authorization)
+    try:
+        for blob in [manifest["config"], *manifest.get("layers", [])]:
+            session.upload_blob(repository, blob["digest"], blob["size"], _blob_path(layout, blob["digest"]))
+        session.put_manifest(repository, digest, media_type, raw)
+    finally:
+        session.close()
+    return digest, len(raw), media_type
+
+
+def _blob_path(layout: str, digest: str) -> str:
+    algorithm, _, encoded = digest.partition(":")
+    return os.path.join(layout, "blobs", algorithm, encoded)
+
+
+def _read_blob(layout: str, digest: str) -> bytes:
+    with open(_blob_path(layout, digest), "rb") as blob:
+        data = blob.read()
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise PushError("the exported layout's manifest does not match its digest %s" % digest)
+    return data
+
+
+class _Session:
+    """One keep-alive connection per registry host, following Locations the registry hands out."""
+
+    def __init__(self, base_url: str, authorization: Optional[str]) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.authorization = authorization
+        self._connections: Dict[Tuple[str, str], http.client.HTTPConnection] = {}
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+
+    def upload_blob(self, repository: str, digest: str, size: int, path: str) -> None:
+        status, _, _ = self._request("HEAD", "v2/%s/blobs/%s" % (repository, digest))
+        if status == 200:
+            return
+        status, headers, body = self._request("POST", "v2/%s/blobs/uploads/" % repository, body=b"")
+        if status != 202 or "location" not in headers:
+            raise PushError(_describe("POST blob upload", status, body), status)
+        location = urljoin(self._url("v2/%s/blobs/uploads/" % repository), headers["location"])
+        separator = "&" if urlsplit(location).query else "?"
+        location += separator + urlencode({"digest": digest})
+        with open(path, "rb") as blob:
+            status, _, body = self._request(
+                "PUT",
+                location,
+                body=blob,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            )
+        if status not in (201, 204):
+            raise PushError(_describe("PUT blob %s" % digest, status, body), status)
+
+    def put_manifest(self, repository: str, digest: str, media_type: str, raw: bytes) -> None:
+        status, headers, body = self._request(
+            "PUT",
+            "v2/%s/manifests/%s" % (repository, digest),
+            body=raw,
+            headers={"Content-Type": media_type},
+        )
+        if status != 201:
+            raise PushError(_describe("PUT manifest %s" % digest, status, body), status)
+        stored = headers.get("docker-content-digest")
+        if stored and stored != digest:
+            raise PushError("the registry stored manifest %s as %s" % (digest, stored))
+
+    def _url(self, path_or_url: str) -> str:
+        return urljoin(self.base_url, path_or_url)
+
+    def _request(self, method, path_or_url, body=None, headers=None):  # type: ignore[no-untyped-def]
+        url = urlsplit(self._url(path_or_url))
+        key = (url.scheme, url.netloc)
+        connection = self._connections.get(key)
+        if connection is None:
+            if url.scheme == "https":
+                connection = http.client.HTTPSConnection(
+                    url.netloc, timeout=_TIMEOUT, context=ssl.create_default_context()
+                )
+            else:
+                connection = http.client.HTTPConnection(url.netloc, timeout=_TIMEOUT)
+            self._connections[key] = connection
+        sent = dict(headers or {})
+        # Never hand our credentials to another host the registry redirects us to.
+        if self.authorization and key == _origin(self.base_url):
+            sent["Authorization"] = self.authorization
+        target = url.path + ("?" + url.query if url.query else "")
+        try:
+            connection.request(method, target, body=body, headers=sent)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            del self._connections[key]
+            raise PushError("%s %s: %s" % (method, url.geturl(), exc)) from exc
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def _origin(url: str) -> Tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _describe(what: str, status: int, body: bytes) -> str:
+    detail = body.decode("utf-8", "replace").strip()[:500]
+    return "%s: HTTP %d %s" % (what, status, detail)

@@ -1,0 +1,165 @@
+"""Node inventories: YAML files naming the machines farm may build on, validated with pydantic.
+
+    defaults:            # optional: applied to every node, each node may override
+      emulation: true
+    nodes:
+      - name: local
+        local: true      # this machine, reached without SSH
+      - name: pi4
+        host: 192.0.2.10
+        user: farm
+        platforms: [linux/arm64]
+        slots: 1
+
+Errors name the file, the node and the field. Pure apart from ``load_inventory`` reading a file.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.errors import InventoryError, PlatformError
+from farm.platforms import Platform, parse_platform
+
+__all__ = ["DEFAULT_INVENTORY", "Inventory", "NodeSpec", "load_inventory", "parse_inventory"]
+
+DEFAULT_INVENTORY = "inventory/local.yaml"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    local: bool = False
+    host: str | None = None
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str | None = None
+    identity_file: Path | None = None
+    known_hosts: Path | None = None
+    proxy_jump: str | None = None
+    platforms: tuple[Platform, ...] | None = Field(
+        default=None, description="native platforms as the operator states them; probed when absent"
+    )
+    emulation: bool = Field(default=True, description="may this node build foreign platforms under QEMU")
+    slots: int = Field(default=1, ge=1, le=256, description="concurrent builds on this node")
+    builder: Literal["auto", "buildah", "docker", "podman"] = "auto"
+    workdir: str | None = Field(default=None, description="where the agent keeps its cache and builds")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("a node name is letters, digits, '.', '_' or '-' (63 at most)")
+        return value
+
+    @field_validator("platforms", mode="before")
+    @classmethod
+    def _parse_platforms(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError("platforms is a list such as [linux/arm64]")
+        try:
+            return tuple(item if isinstance(item, Platform) else parse_platform(str(item)) for item in value)
+        except PlatformError as exc:
+            raise ValueError(exc.message) from exc
+
+    @model_validator(mode="after")
+    def _local_or_host(self) -> NodeSpec:
+        if self.local == bool(self.host):
+            raise ValueError("a node has either 'local: true' or a 'host', not both and not neither")
+        return self
+
+    def agent_workdir(self) -> str:
+        if self.workdir:
+            return self.workdir
+        if self.local:
+            return str(Path.home() / ".cache" / "farm" / "nodes" / self.name)
+        return ".cache/farm-agent"
+
+
+class Inventory(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nodes: tuple[NodeSpec, ...] = Field(min_length=1)
+    source: str = Field(default="<inline>", exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Inventory:
+        seen: set[str] = set()
+        for node in self.nodes:
+            if node.name in seen:
+                raise ValueError(f"two nodes are named {node.name!r}")
+            seen.add(node.name)
+        return self
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+def parse_inventory(text: str, source: str) -> Inventory:
+    """Validate inventory YAML; ``source`` names the file in errors."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise InventoryError(f"{source}: expected a mapping with a 'nodes' list")
+    unknown = set(document) - {"nodes", "defaults"}
+    if unknown:
+        raise InventoryError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}",
+                             hint="an inventory has 'nodes' and optionally 'defaults'")
+    defaults = document.get("defaults") or {}
+    nodes = document.get("nodes")
+    if not isinstance(defaults, dict):
+        raise InventoryError(f"{source}: 'defaults' must be a mapping of node fields")
+    if not isinstance(nodes, list) or not nodes:
+        raise InventoryError(f"{source}: 'nodes' must be a non-empty list")
+    merged = [{**defaults, **node} if isinstance(node, dict) else node for node in nodes]
+    try:
+        return Inventory(nodes=merged, source=source)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise InventoryError(_describe(exc, source, merged)) from exc
+
+
+def load_inventory(path: Path | None) -> Inventory:
+    """Load ``path``, or the embedded default inventory (this machine as one local node)."""
+    if path is None:
+        resource = importlib.resources.files("farm").joinpath("default_inventory.yaml")
+        return parse_inventory(resource.read_text(), f"<embedded {DEFAULT_INVENTORY}>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}",
+                             hint="pass --inventory PATH or set FARM_INVENTORY") from exc
+    return parse_inventory(text, str(path))
+
+
+def _describe(exc: ValidationError, source: str, nodes: list[Any]) -> str:
+    problems = []
+    for error in exc.errors():
+        location = list(error["loc"])
+        where = source
+        if location[:1] == ["nodes"] and len(location) > 1 and isinstance(location[1], int):
+            index = location[1]
+            node = nodes[index] if index < len(nodes) else None
+            name = node.get("name") if isinstance(node, dict) else None
+            where += f": node {name!r}" if name else f": node #{index + 1}"
+            location = location[2:]
+        field = ".".join(str(part) for part in location)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}{': field ' + field if field else ''}: {message}")
+    return "; ".join(problems)

@@ -1,0 +1,205 @@
+"""A small OCI distribution client on httpx: the requests farm needs, each checking its answer.
+
+Plain HTTP is used for loopback registries (as docker and BuildKit do) and for hosts the user
+named with ``--insecure-registry``; everything else is HTTPS with verified certificates.
+Manifests are kept as the exact bytes the registry served, checked against their digest, and
+PUT back byte for byte: re-serialising a manifest changes its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from farm import mediatypes
+from farm.errors import RegistryError
+from farm.registry.name import Reference, is_loopback_host
+
+__all__ = ["Manifest", "ManifestInfo", "RegistryClient"]
+
+_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    raw: bytes
+    media_type: str
+    digest: str
+
+    def json(self) -> dict[str, Any]:
+        document = json.loads(self.raw)
+        if not isinstance(document, dict):
+            raise RegistryError(f"manifest {self.digest} is not a JSON object")
+        return document
+
+
+class RegistryClient:
+    """One client per farm invocation; ``async with`` it to open and close its connections."""
+
+    def __init__(
+        self,
+        *,
+        insecure_registries: Iterable[str] = (),
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._insecure = frozenset(insecure_registries)
+        self._http = httpx.AsyncClient(
+            timeout=_TIMEOUT,
+            transport=transport,
+            follow_redirects=True,
+            headers={"User-Agent": "farm"},
+        )
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._http.aclose()
+
+    def is_plain_http(self, registry: str) -> bool:
+        return registry in self._insecure or is_loopback_host(registry)
+
+    def base_url(self, ref: Reference) -> str:
+        scheme = "http" if self.is_plain_http(ref.registry) else "https"
+        return f"{scheme}://{ref.api_host}"
+
+    async def ping(self, ref: Reference) -> None:
+        """Check that the registry answers the API at all (401 counts: it is there)."""
+        response = await self._send("GET", ref, "/v2/")
+        if response.status_code not in (200, 401):
+            raise _status_error(response, f"{ref.registry} does not answer the registry API")
+
+    async def head_manifest(self, ref: Reference) -> ManifestInfo | None:
+        """The descriptor of a manifest by tag or digest, or None if the repository lacks it."""
+        response = await self._send(
+            "HEAD", ref, f"/v2/{ref.repository}/manifests/{ref.identifier}",
+            headers={"Accept": mediatypes.MANIFEST_ACCEPT},
+        )  # fmt: skip
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _status_error(response, f"cannot look up {ref}")
+        digest = response.headers.get("docker-content-digest") or ref.digest
+        if ref.digest and digest != ref.digest:
+            raise RegistryError(f"{ref} is served as {digest}")
+        return ManifestInfo(
+            digest=digest,
+            size=int(response.headers.get("content-length", "0")),
+            media_type=response.headers.get("content-type", "").split(";")[0],
+        )
+
+    async def get_manifest(self, ref: Reference) -> Manifest:
+        response = await self._send(
+            "GET", ref, f"/v2/{ref.repository}/manifests/{ref.identifier}",
+            headers={"Accept": mediatypes.MANIFEST_ACCEPT},
+        )  # fmt: skip
+        if response.status_code == 404:
+            raise RegistryError(f"{ref} not found", status=404, request=f"GET {response.url}")
+        if response.status_code != 200:
+            raise _status_error(response, f"cannot fetch {ref}")
+        raw = response.content
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if ref.digest and digest != ref.digest:
+            raise RegistryError(f"{ref} was served with content that hashes to {digest}")
+        media_type = response.headers.get("content-type", "").split(";")[0]
+        if media_type not in mediatypes.INDEX_TYPES | mediatypes.MANIFEST_TYPES:
+            declared = json.loads(raw).get("mediaType", "")
+            media_type = declared or media_type
+        return Manifest(raw, media_type, digest)
+
+    async def get_blob(self, ref: Reference, digest: str) -> bytes:
+        async with self.stream_blob(ref, digest) as chunks:
+            return b"".join([chunk async for chunk in chunks])
+
+    @asynccontextmanager
+    async def stream_blob(self, ref: Reference, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The blob's bytes as they arrive; the hash is checked when the stream is exhausted."""
+        url = f"{self.base_url(ref)}/v2/{ref.repository}/blobs/{digest}"
+        try:
+            async with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _status_error(response, f"cannot fetch blob {digest} of {ref.name}")
+                yield _verified(response.aiter_bytes(), digest, ref)
+        except httpx.TransportError as exc:
+            raise _unreachable(ref, exc) from exc
+
+    async def put_manifest(self, ref: Reference, raw: bytes, media_type: str) -> str:
+        """PUT a manifest under ``ref``'s tag or digest; return the digest the registry stored."""
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        response = await self._send(
+            "PUT", ref, f"/v2/{ref.repository}/manifests/{ref.identifier}",
+            content=raw, headers={"Content-Type": media_type},
+        )  # fmt: skip
+        if response.status_code not in (200, 201, 202):
+            raise _status_error(response, f"cannot push {ref}")
+        stored = response.headers.get("docker-content-digest", digest)
+        if stored != digest:
+            raise RegistryError(f"{ref}: the registry stored {stored}, farm sent {digest}")
+        return digest
+
+    async def _send(
+        self,
+        method: str,
+        ref: Reference,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
+        url = self.base_url(ref) + path
+        try:
+            return await self._http.request(method, url, content=content, headers=headers)
+        except httpx.TransportError as exc:
+            raise _unreachable(ref, exc) from exc
+
+
+async def _verified(chunks: AsyncIterator[bytes], digest: str, ref: Reference) -> AsyncIterator[bytes]:
+    hasher = hashlib.sha256()
+    async for chunk in chunks:
+        hasher.update(chunk)
+        yield chunk
+    actual = "sha256:" + hasher.hexdigest()
+    if actual != digest:
+        raise RegistryError(f"blob {digest} of {ref.name} was served with content hashing to {actual}")
+
+
+def _unreachable(ref: Reference, exc: httpx.TransportError) -> RegistryError:
+    return RegistryError(
+        f"cannot reach registry {ref.registry}: {exc or type(exc).__name__}",
+        hint=f"check that {ref.registry} is up and reachable from this machine"
+        + ("" if is_loopback_host(ref.registry) else "; for a plain-HTTP registry pass --insecure-registry"),
+    )
+
+
+def _status_error(response: httpx.Response, what: str) -> RegistryError:
+    detail = response.text.strip()[:300] if response.request.method != "HEAD" else ""
+    message = f"{what}: {response.request.method} {response.url} answered HTTP {response.status_code}"
+    hint = None
+    if response.status_code == 401:
+        hint = "the registry wants credentials; registry authentication comes with a later farm release"
+    return RegistryError(
+        f"{message}{': ' + detail if detail else ''}",
+        status=response.status_code,
+        request=f"{response.request.method} {response.url}",
+        hint=hint,
+    )
