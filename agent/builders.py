@@ -6,6 +6,7 @@ group so that a cancelled build can be killed whole (buildah's and docker's chil
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -16,7 +17,8 @@ import subprocess
 import tarfile
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import IO, Callable
 
 __all__ = ["BuildSpec", "BuilderFailed", "Cancelled", "Runner", "export_image"]
 
@@ -42,11 +44,11 @@ class Runner:
     def __init__(self, log: Callable[[str], None]) -> None:
         self._log = log
         self._lock = threading.Lock()
-        self._process: Optional["subprocess.Popen[bytes]"] = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._cancelled = False
-        self.tail: Deque[str] = deque(maxlen=LOG_TAIL)
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL)
 
-    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None, quiet: bool = False) -> str:
+    def run(self, argv: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> str:
         """Run ``argv``; stream (or, when ``quiet``, only remember) its output; return it."""
         with self._lock:
             if self._cancelled:
@@ -61,7 +63,7 @@ class Runner:
             )
         process = self._process
         assert process.stdout is not None
-        output: List[str] = []
+        output: list[str] = []
         for raw in iter(process.stdout.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             output.append(line)
@@ -74,7 +76,7 @@ class Runner:
             if self._cancelled:
                 raise Cancelled()
         if code != 0:
-            raise BuilderFailed("%s exited with status %d" % (os.path.basename(argv[0]), code), self.tail)
+            raise BuilderFailed(f"{os.path.basename(argv[0])} exited with status {code}", self.tail)
         return "\n".join(output)
 
     def cancel(self) -> None:
@@ -85,18 +87,14 @@ class Runner:
         if process is None:
             return
         _signal_group(process, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(_KILL_GRACE)
-        except subprocess.TimeoutExpired:
-            pass
         _signal_group(process, signal.SIGKILL)
 
 
-def _signal_group(process: "subprocess.Popen[bytes]", signum: int) -> None:
-    try:
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class BuildSpec:
@@ -109,7 +107,7 @@ class BuildSpec:
         build_dir: str,
         platform: str,
         dockerfile: str,
-        build_args: Dict[str, str],
+        build_args: dict[str, str],
         target: str,
         insecure_registries: Sequence[str],
     ) -> None:
@@ -135,14 +133,14 @@ def export_image(spec: BuildSpec, runner: Runner) -> str:
     elif spec.builder == "docker":
         _build_with_docker(spec, runner)
     else:
-        raise ValueError("unknown builder %r" % spec.builder)
+        raise ValueError(f"unknown builder {spec.builder!r}")
     return spec.layout_dir
 
 
-def _common_build_flags(spec: BuildSpec, iidfile: str) -> List[str]:
+def _common_build_flags(spec: BuildSpec, iidfile: str) -> list[str]:
     flags = ["--platform", spec.platform, "-f", spec.dockerfile_path, "--iidfile", iidfile]
     for key, value in sorted(spec.build_args.items()):
-        flags += ["--build-arg", "%s=%s" % (key, value)]
+        flags += ["--build-arg", f"{key}={value}"]
     if spec.target:
         flags += ["--target", spec.target]
     return flags
@@ -160,12 +158,19 @@ def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
     env["CONTAINERS_REGISTRIES_CONF"] = _write_registries_conf(spec)
     iidfile = os.path.join(spec.build_dir, "iid")
     build = ["bud", "--isolation", "chroot"] if spec.builder == "buildah" else ["build"]
-    runner.run(base + build + ["--layers", "--network", "host"] + _common_build_flags(spec, iidfile) + [spec.context_dir], env)
+    runner.run(
+        base
+        + build
+        + ["--layers", "--network", "host"]
+        + _common_build_flags(spec, iidfile)
+        + [spec.context_dir],
+        env,
+    )
     image_id = _read(iidfile)
     try:
-        runner.run(base + ["push", "--quiet", image_id, "oci:" + spec.layout_dir], env, quiet=True)
+        runner.run([*base, "push", "--quiet", image_id, "oci:" + spec.layout_dir], env, quiet=True)
     finally:
-        runner.run(base + ["rmi", "--force", image_id], env, quiet=True)
+        runner.run([*base, "rmi", "--force", image_id], env, quiet=True)
 
 
 def _write_registries_conf(spec: BuildSpec) -> str:
@@ -174,7 +179,7 @@ def _write_registries_conf(spec: BuildSpec) -> str:
     with open(path, "w") as conf:
         conf.write('short-name-mode = "disabled"\n')
         for host in spec.insecure_registries:
-            conf.write('[[registry]]\nlocation = "%s"\ninsecure = true\n' % host)
+            conf.write(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
     return path
 
 
@@ -183,7 +188,10 @@ def _build_with_docker(spec: BuildSpec, runner: Runner) -> None:
     # The classic builder honours --platform; BuildKit needs buildx, which nodes may lack.
     env["DOCKER_BUILDKIT"] = "0"
     iidfile = os.path.join(spec.build_dir, "iid")
-    runner.run(["docker", "build", "--network", "host"] + _common_build_flags(spec, iidfile) + [spec.context_dir], env)
+    runner.run(
+        ["docker", "build", "--network", "host", *_common_build_flags(spec, iidfile), spec.context_dir],
+        env,
+    )
     image_id = _read(iidfile)
     archive = os.path.join(spec.build_dir, "image.tar")
     try:
@@ -233,10 +241,10 @@ def _docker_archive_to_layout(archive: str, layout: str) -> None:
         json.dump({"imageLayoutVersion": "1.0.0"}, marker)
 
 
-def _member(tar: tarfile.TarFile, name: str):  # type: ignore[no-untyped-def]
+def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
     extracted = tar.extractfile(name)
     if extracted is None:
-        raise ValueError("docker save output lacks %s" % name)
+        raise ValueError(f"docker save output lacks {name}")
     return extracted
 
 
@@ -247,12 +255,11 @@ def _store(blobs: str, data: bytes) -> str:
     return "sha256:" + digest
 
 
-def _store_gzipped(blobs: str, source) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+def _store_gzipped(blobs: str, source: IO[bytes]) -> tuple[str, int]:
     partial = os.path.join(blobs, ".partial")
-    with open(partial, "wb") as raw:
-        # mtime=0 and no file name: the same layer always compresses to the same digest.
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped:
-            shutil.copyfileobj(source, zipped, 1024 * 1024)
+    # mtime=0 and no file name: the same layer always compresses to the same digest.
+    with open(partial, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as zipped:
+        shutil.copyfileobj(source, zipped, 1024 * 1024)
     hasher = hashlib.sha256()
     with open(partial, "rb") as written:
         for chunk in iter(lambda: written.read(1024 * 1024), b""):

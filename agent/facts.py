@@ -11,7 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
-from typing import Any, Dict, List
+from typing import Any
 
 __all__ = ["BUILDERS", "probe"]
 
@@ -19,13 +19,13 @@ BUILDERS = ("buildah", "podman", "docker")
 _BINFMT = "/proc/sys/fs/binfmt_misc"
 
 
-def probe(workdir: str) -> Dict[str, Any]:
+def probe(workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     disk = shutil.disk_usage(workdir)
     return {
         "machine": platform.machine(),
         "system": platform.system().lower(),
-        "python": "%d.%d.%d" % sys.version_info[:3],
+        "python": ".".join(str(part) for part in sys.version_info[:3]),
         "cores": os.cpu_count() or 1,
         "memory_bytes": _memory_bytes(),
         "disk_free_bytes": disk.free,
@@ -46,7 +46,7 @@ def _memory_bytes() -> int:
     return 0
 
 
-def _emulators() -> List[str]:
+def _emulators() -> list[str]:
     """The QEMU architectures (``aarch64``, ``arm``, ...) with an enabled binfmt_misc handler."""
     try:
         names = sorted(os.listdir(_BINFMT))
@@ -62,7 +62,7 @@ def _emulators() -> List[str]:
         except OSError:
             continue
         if enabled:
-            found.append(name[len("qemu-"):])
+            found.append(name[len("qemu-") :])
     return found
 
 

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any
 
 from agent import facts
 from agent.builders import BuilderFailed, BuildSpec, Cancelled, Runner, export_image
@@ -46,8 +46,8 @@ class _Writer:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, kind: str, **fields: Any) -> None:
-        data = encode(kind, **fields)
+    def send(self, message_type: str, /, **fields: Any) -> None:
+        data = encode(message_type, **fields)
         with self._lock:
             try:
                 self._stream.write(data)
@@ -63,8 +63,8 @@ class Agent:
         self.out = _Writer(stdout)
         self.store = ContentStore(self.workdir)
         self.last_heartbeat = time.monotonic()
-        self.runner: Optional[Runner] = None
-        self.build_thread: Optional[threading.Thread] = None
+        self.runner: Runner | None = None
+        self.build_thread: threading.Thread | None = None
         self.finished = threading.Event()
 
     def serve(self) -> None:
@@ -80,7 +80,7 @@ class Agent:
                     break
                 self._dispatch(message)
         except ProtocolError as exc:
-            self.out.send("error", kind="input", message="protocol error: %s" % exc)
+            self.out.send("error", kind="input", message=f"protocol error: {exc}")
         finally:
             self._cancel()
             if self.build_thread is not None:
@@ -92,7 +92,7 @@ class Agent:
         if kind == "hello":
             if message.get("version") != PROTOCOL_VERSION:
                 raise ProtocolError(
-                    "coordinator speaks protocol %r, this agent %d" % (message.get("version"), PROTOCOL_VERSION)
+                    f"coordinator speaks protocol {message.get('version')!r}, this agent {PROTOCOL_VERSION}"
                 )
             self.out.send("hello", version=PROTOCOL_VERSION, python=sys.version.split()[0], pid=os.getpid())
         elif kind == "facts":
@@ -111,7 +111,7 @@ class Agent:
         elif kind == "cancel":
             self._cancel()
         else:
-            raise ProtocolError("unknown message type %r" % kind)
+            raise ProtocolError(f"unknown message type {kind!r}")
 
     def _sync(self, message: Message) -> None:
         """Receive a context manifest, ask for what the store lacks, take those blobs."""
@@ -120,7 +120,7 @@ class Agent:
         try:
             check_entries(entries)
             if digest != context_digest(entries):
-                raise UnsafeEntryError("context %r does not match its manifest" % digest)
+                raise UnsafeEntryError(f"context {digest!r} does not match its manifest")
         except UnsafeEntryError as exc:
             self.out.send("error", kind="input", message=str(exc))
             return
@@ -129,7 +129,7 @@ class Agent:
         for wanted in needed:
             blob = read_message(self.stdin)
             if blob is None or blob["type"] != "blob" or blob.get("digest") != wanted:
-                raise ProtocolError("expected blob %s, got %r" % (wanted, blob))
+                raise ProtocolError(f"expected blob {wanted}, got {blob!r}")
             try:
                 self.store.receive(wanted, int(blob["size"]), self.stdin)
             except UnsafeEntryError as exc:
@@ -140,7 +140,7 @@ class Agent:
     def _build(self, request: Message, runner: Runner) -> None:
         build_id = str(request.get("build_id", ""))
         if not _BUILD_ID.match(build_id):
-            self.out.send("error", kind="input", message="bad build id %r" % build_id)
+            self.out.send("error", kind="input", message=f"bad build id {build_id!r}")
             return
         build_dir = os.path.join(self.workdir, "builds", build_id)
         try:
@@ -154,10 +154,13 @@ class Agent:
         except (UnsafeEntryError, KeyError, ValueError) as exc:
             self.out.send("error", kind="input", message=str(exc))
         except OSError as exc:
-            self.out.send("error", kind="node", message="%s: %s" % (type(exc).__name__, exc))
-        except Exception as exc:  # noqa: BLE001 - the coordinator must hear of any failure
+            self.out.send("error", kind="node", message=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
             self.out.send(
-                "error", kind="node", message="agent bug: %r" % exc, log_tail=traceback.format_exc().splitlines()
+                "error",
+                kind="node",
+                message=f"agent bug: {exc!r}",
+                log_tail=traceback.format_exc().splitlines(),
             )
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -165,8 +168,8 @@ class Agent:
     def _run_build(self, request: Message, build_dir: str, runner: Runner) -> None:
         context = str(request["context"])
         if not self.store.has_context(context):
-            raise ValueError("context %s was not synced to this node" % context)
-        entries: List[Entry] = self.store.load_context(context)
+            raise ValueError(f"context {context} was not synced to this node")
+        entries: list[Entry] = self.store.load_context(context)
         if os.path.exists(build_dir):
             shutil.rmtree(build_dir)
         os.makedirs(build_dir)
@@ -199,13 +202,13 @@ class Agent:
                 self._cancel()
 
 
-def _string_map(value: Any) -> Dict[str, str]:
+def _string_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError("build_args must be a map")
     return {str(key): str(item) for key, item in value.items()}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="farm-agent", description="farm's node agent")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/farm-agent"))
     args = parser.parse_args(argv)

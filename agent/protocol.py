@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import IO, Any
 
 PROTOCOL_VERSION = 1
 MARKER = b"--- farm agent protocol v%d ---" % PROTOCOL_VERSION
@@ -49,9 +49,9 @@ ERROR_KINDS = ("node", "build", "input", "registry")
 # A context manifest entry: (path, mode, size, digest, link target).
 # ``mode`` holds the file type bits too (stat.S_IFREG | 0o644 ...); ``digest`` is "" for
 # anything but regular files; ``link`` is "" for anything but symlinks.
-Entry = Tuple[str, int, int, str, str]
+Entry = tuple[str, int, int, str, str]
 
-Message = Dict[str, Any]
+Message = dict[str, Any]
 
 __all__ = [
     "ERROR_KINDS",
@@ -67,7 +67,6 @@ __all__ = [
     "encode",
     "entries_from_json",
     "read_message",
-    "write_message",
 ]
 
 
@@ -75,9 +74,9 @@ class ProtocolError(Exception):
     """The peer broke the framing or sent something this side cannot understand."""
 
 
-def encode(kind: str, **fields: Any) -> bytes:
+def encode(message_type: str, /, **fields: Any) -> bytes:
     """One message as the bytes of its line."""
-    fields["type"] = kind
+    fields["type"] = message_type
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
@@ -86,23 +85,13 @@ def decode(line: bytes) -> Message:
     try:
         message = json.loads(line)
     except ValueError as exc:
-        raise ProtocolError("not a JSON message: %r" % line[:200]) from exc
+        raise ProtocolError(f"not a JSON message: {line[:200]!r}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise ProtocolError("a message must be an object with a type: %r" % line[:200])
+        raise ProtocolError(f"a message must be an object with a type: {line[:200]!r}")
     return message
 
 
-def write_message(stream: IO[bytes], kind: str, payload: Optional[bytes] = None, **fields: Any) -> None:
-    """Write one message (and a blob's bytes) to a blocking binary stream."""
-    if payload is not None:
-        fields["size"] = len(payload)
-    stream.write(encode(kind, **fields))
-    if payload is not None:
-        stream.write(payload)
-    stream.flush()
-
-
-def read_message(stream: IO[bytes]) -> Optional[Message]:
+def read_message(stream: IO[bytes]) -> Message | None:
     """Read the next message from a blocking stream, or None at end of stream.
 
     A blob's bytes are not read here: the caller reads exactly ``size`` bytes next.
@@ -111,15 +100,15 @@ def read_message(stream: IO[bytes]) -> Optional[Message]:
     if not line:
         return None
     if not line.endswith(b"\n"):
-        raise ProtocolError("message line cut short or longer than %d bytes" % MAX_LINE)
+        raise ProtocolError(f"message line cut short or longer than {MAX_LINE} bytes")
     return decode(line)
 
 
-def entries_from_json(value: Any) -> List[Entry]:
+def entries_from_json(value: Any) -> list[Entry]:
     """Validate a ``sync`` message's entries (they come from the other side of a wire)."""
     if not isinstance(value, list):
         raise ProtocolError("entries must be a list")
-    entries: List[Entry] = []
+    entries: list[Entry] = []
     for item in value:
         if (
             not isinstance(item, list)
@@ -130,12 +119,12 @@ def entries_from_json(value: Any) -> List[Entry]:
             or not isinstance(item[3], str)
             or not isinstance(item[4], str)
         ):
-            raise ProtocolError("malformed context entry: %r" % (item,))
+            raise ProtocolError(f"malformed context entry: {item!r}")
         entries.append((item[0], item[1], item[2], item[3], item[4]))
     return entries
 
 
-def context_digest(entries: List[Entry]) -> str:
+def context_digest(entries: list[Entry]) -> str:
     """The digest naming a context: sha256 of its manifest, entries sorted by path, as compact JSON."""
     canonical = json.dumps(sorted(entries), separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

@@ -13,9 +13,10 @@ import os
 import shutil
 import stat
 import tempfile
-from typing import IO, Iterable, List, Set
+from collections.abc import Iterable
+from typing import IO
 
-from agent.protocol import Entry
+from agent.protocol import Entry, entries_from_json
 
 __all__ = ["ContentStore", "UnsafeEntryError", "check_entries"]
 
@@ -39,13 +40,13 @@ class ContentStore:
     def blob_path(self, digest: str) -> str:
         algorithm, _, encoded = digest.partition(":")
         if algorithm != "sha256" or len(encoded) != 64 or not _is_hex(encoded):
-            raise UnsafeEntryError("not a sha256 digest: %r" % digest)
+            raise UnsafeEntryError(f"not a sha256 digest: {digest!r}")
         return os.path.join(self._blobs, encoded)
 
-    def missing(self, digests: Iterable[str]) -> List[str]:
+    def missing(self, digests: Iterable[str]) -> list[str]:
         """The digests the store lacks, each once, in the order first asked."""
-        seen: Set[str] = set()
-        lacking: List[str] = []
+        seen: set[str] = set()
+        lacking: list[str] = []
         for digest in digests:
             if digest in seen:
                 continue
@@ -65,36 +66,36 @@ class ContentStore:
                 while remaining:
                     chunk = stream.read(min(_CHUNK, remaining))
                     if not chunk:
-                        raise EOFError("stream ended %d bytes into a %d-byte blob" % (size - remaining, size))
+                        raise EOFError(f"stream ended {size - remaining} bytes into a {size}-byte blob")
                     hasher.update(chunk)
                     out.write(chunk)
                     remaining -= len(chunk)
             actual = "sha256:" + hasher.hexdigest()
             if actual != digest:
-                raise UnsafeEntryError("blob announced as %s hashes to %s" % (digest, actual))
+                raise UnsafeEntryError(f"blob announced as {digest} hashes to {actual}")
             os.chmod(partial, 0o444)
             os.replace(partial, target)
         except BaseException:
             os.unlink(partial)
             raise
 
-    def save_context(self, context_digest: str, entries: List[Entry]) -> None:
+    def save_context(self, context_digest: str, entries: list[Entry]) -> None:
         path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
         fd, partial = tempfile.mkstemp(dir=self._contexts, prefix=".partial-")
         with os.fdopen(fd, "w") as out:
             json.dump(entries, out)
         os.replace(partial, path)
 
-    def load_context(self, context_digest: str) -> List[Entry]:
+    def load_context(self, context_digest: str) -> list[Entry]:
         path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
         with open(path) as source:
-            return [tuple(item) for item in json.load(source)]  # type: ignore[misc]
+            return entries_from_json(json.load(source))
 
     def has_context(self, context_digest: str) -> bool:
         path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
         return os.path.exists(path)
 
-    def lay_out(self, entries: List[Entry], destination: str) -> None:
+    def lay_out(self, entries: list[Entry], destination: str) -> None:
         """Materialise a checked context manifest in ``destination`` (which must be empty)."""
         check_entries(entries)
         os.makedirs(destination, exist_ok=True)
@@ -127,29 +128,29 @@ def check_entries(entries: Iterable[Entry]) -> None:
     links = {entry[0] for entry in entries if stat.S_ISLNK(entry[1])}
     for path, mode, _size, digest, link in entries:
         if not path or path.startswith("/") or "\\" in path or "\0" in path:
-            raise UnsafeEntryError("context entry with an absolute or empty path: %r" % path)
+            raise UnsafeEntryError(f"context entry with an absolute or empty path: {path!r}")
         parts = path.split("/")
         if any(part in ("", ".", "..") for part in parts):
-            raise UnsafeEntryError("context entry with '.', '..' or an empty part: %r" % path)
+            raise UnsafeEntryError(f"context entry with '.', '..' or an empty part: {path!r}")
         for end in range(1, len(parts)):
             if "/".join(parts[:end]) in links:
-                raise UnsafeEntryError("context entry %r lies below a symlink" % path)
+                raise UnsafeEntryError(f"context entry {path!r} lies below a symlink")
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
             if not digest:
-                raise UnsafeEntryError("file without a digest: %r" % path)
+                raise UnsafeEntryError(f"file without a digest: {path!r}")
         elif kind == stat.S_IFLNK:
             if not link or link.startswith("/") or "\0" in link:
-                raise UnsafeEntryError("link %r points outside the context: %r" % (path, link))
+                raise UnsafeEntryError(f"link {path!r} points outside the context: {link!r}")
             depth = len(parts) - 1
             for part in link.split("/"):
                 depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
                 if depth < 0:
-                    raise UnsafeEntryError("link %r points outside the context: %r" % (path, link))
+                    raise UnsafeEntryError(f"link {path!r} points outside the context: {link!r}")
         elif kind != stat.S_IFDIR:
-            raise UnsafeEntryError("context entry %r is not a file, folder or link (mode %o)" % (path, mode))
+            raise UnsafeEntryError(f"context entry {path!r} is not a file, folder or link (mode {mode:o})")
         if stat.S_IMODE(mode) & (stat.S_ISUID | stat.S_ISGID):
-            raise UnsafeEntryError("context entry %r is setuid or setgid" % path)
+            raise UnsafeEntryError(f"context entry {path!r} is setuid or setgid")
 
 
 def _is_hex(text: str) -> bool:

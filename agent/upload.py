@@ -16,18 +16,18 @@ import http.client
 import json
 import os
 import ssl
-from typing import Dict, Optional, Tuple
+from typing import IO
 from urllib.parse import urlencode, urljoin, urlsplit
 
 __all__ = ["PushError", "PushedImage", "push_layout"]
 
-PushedImage = Tuple[str, int, str]  # digest, size, media type
+PushedImage = tuple[str, int, str]  # digest, size, media type
 _CHUNK = 1024 * 1024
 _TIMEOUT = 300
 
 
 class PushError(Exception):
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
@@ -36,13 +36,13 @@ def push_layout(
     layout: str,
     registry_url: str,
     repository: str,
-    authorization: Optional[str] = None,
+    authorization: str | None = None,
 ) -> PushedImage:
     """Upload the single image of ``layout`` into ``repository``; return its manifest descriptor."""
     with open(os.path.join(layout, "index.json"), "rb") as index_file:
         descriptors = json.load(index_file).get("manifests", [])
     if len(descriptors) != 1:
-        raise PushError("the exported layout holds %d manifests, expected one" % len(descriptors))
+        raise PushError(f"the exported layout holds {len(descriptors)} manifests, expected one")
     digest = descriptors[0]["digest"]
     raw = _read_blob(layout, digest)
     manifest = json.loads(raw)
@@ -66,30 +66,30 @@ def _read_blob(layout: str, digest: str) -> bytes:
     with open(_blob_path(layout, digest), "rb") as blob:
         data = blob.read()
     if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise PushError("the exported layout's manifest does not match its digest %s" % digest)
+        raise PushError(f"the exported layout's manifest does not match its digest {digest}")
     return data
 
 
 class _Session:
     """One keep-alive connection per registry host, following Locations the registry hands out."""
 
-    def __init__(self, base_url: str, authorization: Optional[str]) -> None:
+    def __init__(self, base_url: str, authorization: str | None) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.authorization = authorization
-        self._connections: Dict[Tuple[str, str], http.client.HTTPConnection] = {}
+        self._connections: dict[tuple[str, str], http.client.HTTPConnection] = {}
 
     def close(self) -> None:
         for connection in self._connections.values():
             connection.close()
 
     def upload_blob(self, repository: str, digest: str, size: int, path: str) -> None:
-        status, _, _ = self._request("HEAD", "v2/%s/blobs/%s" % (repository, digest))
+        status, _, _ = self._request("HEAD", f"v2/{repository}/blobs/{digest}")
         if status == 200:
             return
-        status, headers, body = self._request("POST", "v2/%s/blobs/uploads/" % repository, body=b"")
+        status, headers, body = self._request("POST", f"v2/{repository}/blobs/uploads/", body=b"")
         if status != 202 or "location" not in headers:
             raise PushError(_describe("POST blob upload", status, body), status)
-        location = urljoin(self._url("v2/%s/blobs/uploads/" % repository), headers["location"])
+        location = urljoin(self._url(f"v2/{repository}/blobs/uploads/"), headers["location"])
         separator = "&" if urlsplit(location).query else "?"
         location += separator + urlencode({"digest": digest})
         with open(path, "rb") as blob:
@@ -100,25 +100,31 @@ class _Session:
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             )
         if status not in (201, 204):
-            raise PushError(_describe("PUT blob %s" % digest, status, body), status)
+            raise PushError(_describe(f"PUT blob {digest}", status, body), status)
 
     def put_manifest(self, repository: str, digest: str, media_type: str, raw: bytes) -> None:
         status, headers, body = self._request(
             "PUT",
-            "v2/%s/manifests/%s" % (repository, digest),
+            f"v2/{repository}/manifests/{digest}",
             body=raw,
             headers={"Content-Type": media_type},
         )
         if status != 201:
-            raise PushError(_describe("PUT manifest %s" % digest, status, body), status)
+            raise PushError(_describe(f"PUT manifest {digest}", status, body), status)
         stored = headers.get("docker-content-digest")
         if stored and stored != digest:
-            raise PushError("the registry stored manifest %s as %s" % (digest, stored))
+            raise PushError(f"the registry stored manifest {digest} as {stored}")
 
     def _url(self, path_or_url: str) -> str:
         return urljoin(self.base_url, path_or_url)
 
-    def _request(self, method, path_or_url, body=None, headers=None):  # type: ignore[no-untyped-def]
+    def _request(
+        self,
+        method: str,
+        path_or_url: str,
+        body: bytes | IO[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
         url = urlsplit(self._url(path_or_url))
         key = (url.scheme, url.netloc)
         connection = self._connections.get(key)
@@ -142,15 +148,15 @@ class _Session:
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             del self._connections[key]
-            raise PushError("%s %s: %s" % (method, url.geturl(), exc)) from exc
+            raise PushError(f"{method} {url.geturl()}: {exc}") from exc
         return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
 
-def _origin(url: str) -> Tuple[str, str]:
+def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
 
 
 def _describe(what: str, status: int, body: bytes) -> str:
     detail = body.decode("utf-8", "replace").strip()[:500]
-    return "%s: HTTP %d %s" % (what, status, detail)
+    return f"{what}: HTTP {status} {detail}"

@@ -130,7 +130,9 @@ async def run_build(options: BuildOptions, inventory: Inventory, on_event: Event
     target = tags[0]
     dockerfile_text = _read_dockerfile(options)
     context = await asyncio.to_thread(scan_context, options.context)
-    nodes = [_Node(spec, _transport_for(spec), slots=asyncio.Semaphore(spec.slots)) for spec in inventory.nodes]
+    nodes = [
+        _Node(spec, _transport_for(spec), slots=asyncio.Semaphore(spec.slots)) for spec in inventory.nodes
+    ]
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
         await asyncio.gather(*(_probe(node) for node in nodes))
@@ -159,9 +161,7 @@ async def run_build(options: BuildOptions, inventory: Inventory, on_event: Event
         if failures:
             raise BuildFailedError(failures)
         ordered = [results[platform] for platform in options.platforms]
-        index = build_index(
-            [Descriptor(r.media_type, r.digest, r.size, r.platform) for r in ordered]
-        )
+        index = build_index([Descriptor(r.media_type, r.digest, r.size, r.platform) for r in ordered])
         # Every child is verified in the target repository before any tag moves.
         await client.put_manifest(target.with_digest(index.digest), index.raw, index.media_type)
         for tag in tags:
@@ -227,9 +227,7 @@ async def _probe(node: _Node) -> None:
     elif wanted in available:
         node.builder = wanted
     if not node.builder:
-        node.problem = (
-            f"builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})"
-        )
+        node.problem = f"builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})"
 
 
 def _candidates(nodes: list[_Node]) -> list[Candidate]:
@@ -265,7 +263,10 @@ async def _pin_dockerfiles(
         facts = nodes[assignment.node].facts
         assert facts is not None
         stages_of[assignment.platform] = parse_stages(
-            text, target=assignment.platform, build=facts.native_platform, build_args=options.build_args
+            text,
+            target=assignment.platform,
+            build=facts.native_platform,
+            build_args=options.build_args,
         )
     bases = {stage.base for stages in stages_of.values() for stage in stages if stage.base}
     resolved = await asyncio.gather(*(_resolve_base(client, base) for base in bases))
@@ -278,7 +279,9 @@ async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
     try:
         manifest = await client.get_manifest(base.reference)
     except RegistryError as exc:
-        raise RegistryError(f"cannot resolve base image {base.reference}: {exc.message}", hint=exc.hint) from exc
+        raise RegistryError(
+            f"cannot resolve base image {base.reference}: {exc.message}", hint=exc.hint
+        ) from exc
     document = manifest.json()
     if manifest.media_type in mediatypes.INDEX_TYPES:
         offered = []
@@ -286,7 +289,9 @@ async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
             declared = child.get("platform") or {}
             try:
                 platform = normalize(
-                    declared.get("os", ""), declared.get("architecture", ""), declared.get("variant", "")
+                    declared.get("os", ""),
+                    declared.get("architecture", ""),
+                    declared.get("variant", ""),
                 )
             except FarmError:
                 continue  # attestations (unknown/unknown) and platforms farm does not build
@@ -299,7 +304,9 @@ async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
         )
     config = await client.get_blob(base.reference, document["config"]["digest"])
     declared = json.loads(config)
-    platform = normalize(declared.get("os", ""), declared.get("architecture", ""), declared.get("variant", ""))
+    platform = normalize(
+        declared.get("os", ""), declared.get("architecture", ""), declared.get("variant", "")
+    )
     if platform != base.platform:
         raise InputError(f"base image {base.reference} is {platform} only; a {base.platform} stage needs it")
     return manifest.digest
@@ -322,14 +329,21 @@ async def _build_platform(
     async with node.slots:
         started = time.monotonic()
         async with open_session(name, node.transport, node.spec.agent_workdir()) as session:
-            await _ensure_synced(session, node, context, lambda d: on_event(PlatformEvent(platform, name, "syncing", d)))
+            await _ensure_synced(
+                session,
+                node,
+                context,
+                lambda d: on_event(PlatformEvent(platform, name, "syncing", d)),
+            )
             on_event(PlatformEvent(platform, name, "building", assignment.mode))
             build_args = {
                 **options.build_args,
                 **platform.build_args("TARGET"),
                 **node.facts.native_platform.build_args("BUILD"),
             }
-            plain_http = sorted({target.registry, *options.insecure_registries} | _plain_http_bases(client, dockerfile))
+            plain_http = sorted(
+                {target.registry, *options.insecure_registries} | _plain_http_bases(client, dockerfile)
+            )
             reply = await session.build(
                 {
                     "build_id": uuid.uuid4().hex,
@@ -387,4 +401,3 @@ def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:
                 except FarmError:
                     continue
     return {host for host in hosts if client.is_plain_http(host)}
-

@@ -39,15 +39,58 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("context", type=click.Path(path_type=Path))
-@click.option("-t", "--tag", "tags", multiple=True, required=True, help="Name and tag, e.g. registry/repo:1.0 (repeatable).")
-@click.option("--platform", "platforms", multiple=True, help="Target platforms, comma separated (repeatable). Default: this machine's.")
-@click.option("-f", "--file", "dockerfile", type=click.Path(path_type=Path), help="Dockerfile (default: CONTEXT/Dockerfile).")
-@click.option("--build-arg", "build_args", multiple=True, help="Build-time variable KEY=VALUE, or KEY to take it from the environment.")
+@click.option(
+    "-t",
+    "--tag",
+    "tags",
+    multiple=True,
+    required=True,
+    help="Name and tag, e.g. registry/repo:1.0 (repeatable).",
+)
+@click.option(
+    "--platform",
+    "platforms",
+    multiple=True,
+    help="Target platforms, comma separated (repeatable). Default: this machine's.",
+)
+@click.option(
+    "-f",
+    "--file",
+    "dockerfile",
+    type=click.Path(path_type=Path),
+    help="Dockerfile (default: CONTEXT/Dockerfile).",
+)
+@click.option(
+    "--build-arg",
+    "build_args",
+    multiple=True,
+    help="Build-time variable KEY=VALUE, or KEY to take it from the environment.",
+)
 @click.option("--target", default="", help="Build this stage of the Dockerfile.")
-@click.option("--inventory", type=click.Path(path_type=Path), envvar="FARM_INVENTORY", help="Node inventory (default: $FARM_INVENTORY, else this machine).")
-@click.option("--metadata-file", type=click.Path(path_type=Path), help="Write the build's result as JSON here.")
-@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", show_default=True, help="How to show progress.")
-@click.option("--insecure-registry", "insecure", multiple=True, help="Talk plain HTTP to this HOST[:PORT] (loopback registries always are).")
+@click.option(
+    "--inventory",
+    type=click.Path(path_type=Path),
+    envvar="FARM_INVENTORY",
+    help="Node inventory (default: $FARM_INVENTORY, else this machine).",
+)
+@click.option(
+    "--metadata-file",
+    type=click.Path(path_type=Path),
+    help="Write the build's result as JSON here.",
+)
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "plain", "tty"]),
+    default="auto",
+    show_default=True,
+    help="How to show progress.",
+)
+@click.option(
+    "--insecure-registry",
+    "insecure",
+    multiple=True,
+    help="Talk plain HTTP to this HOST[:PORT] (loopback registries always are).",
+)
 @click.pass_context
 def build(
     ctx: click.Context,
@@ -108,7 +151,7 @@ def _parse_build_args(values: tuple[str, ...]) -> dict[str, str]:
 def _print_summary(result: BuildResult) -> None:
     click.echo(f"{'PLATFORM':<16}{'NODE':<14}{'MODE':<10}{'SECONDS':>8}  DIGEST")
     for item in result.platforms:
-        click.echo(f"{str(item.platform):<16}{item.node:<14}{item.mode:<10}{item.seconds:>8.1f}  {item.digest}")
+        click.echo(f"{item.platform!s:<16}{item.node:<14}{item.mode:<10}{item.seconds:>8.1f}  {item.digest}")
     for tag in result.tags:
         click.echo(f"pushed {tag}@{result.index_digest}")
 
@@ -160,8 +203,7 @@ def main() -> None:
         cli.main(standalone_mode=True)
     except SystemExit:
         raise
-    except Exception:  # noqa: BLE001 - the one place a farm bug is reported as such
+    except Exception:
         traceback.print_exc()
         click.echo("farm: internal error (the traceback above is a bug; please report it)", err=True)
         sys.exit(_BUG_EXIT)
-

@@ -45,7 +45,9 @@ def scan_context(root: Path) -> Context:
     """Walk ``root``, apply its ``.dockerignore``, hash every file kept."""
     if not root.is_dir():
         raise ContextError(
-            f"build context {root} is not a folder" if root.exists() else f"build context {root} does not exist",
+            f"build context {root} is not a folder"
+            if root.exists()
+            else f"build context {root} does not exist",
             hint="pass the folder holding the Dockerfile and the files it copies",
         )
     rules = _load_rules(root)
@@ -66,7 +68,9 @@ def _load_rules(root: Path) -> IgnoreRules:
         raise ContextError(f"cannot read {ignore_file}: {exc}") from exc
 
 
-def _walk(root: Path, relative: str, rules: IgnoreRules, entries: list[Entry], blobs: dict[str, Path]) -> None:
+def _walk(
+    root: Path, relative: str, rules: IgnoreRules, entries: list[Entry], blobs: dict[str, Path]
+) -> None:
     folder = root / relative if relative else root
     try:
         children = sorted(os.scandir(folder), key=lambda child: child.name)

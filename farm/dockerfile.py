@@ -94,7 +94,12 @@ def pin_bases(dockerfile: str, stages: list[Stage], digests: dict[BaseImage, str
 
 
 def _parse_from(
-    first: int, last: int, rest: str, variables: dict[str, str], earlier: list[Stage], target: Platform
+    first: int,
+    last: int,
+    rest: str,
+    variables: dict[str, str],
+    earlier: list[Stage],
+    target: Platform,
 ) -> Stage:
     words = rest.split()
     platform_flag = ""

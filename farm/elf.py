@@ -54,5 +54,5 @@ def elf_architecture(header: bytes) -> str | None:
 
 
 def _field(header: bytes, offset: int) -> int:
-    order = "big" if header[5] == _BIG else "little"
-    return int.from_bytes(header[offset : offset + 2], order)
+    field = header[offset : offset + 2]
+    return int.from_bytes(field, "big") if header[5] == _BIG else int.from_bytes(field, "little")

@@ -61,7 +61,7 @@ class InventoryError(InputError):
     pass
 
 
-class ReferenceError_(InputError):  # noqa: N801 - the builtin ReferenceError means weakrefs
+class ReferenceError_(InputError):
     pass
 
 

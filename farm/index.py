@@ -55,9 +55,7 @@ class IndexDocument:
         return len(self.raw)
 
 
-def build_index(
-    children: list[Descriptor], annotations: dict[str, str] | None = None
-) -> IndexDocument:
+def build_index(children: list[Descriptor], annotations: dict[str, str] | None = None) -> IndexDocument:
     """An OCI index, or a Docker manifest list when every child is a Docker v2 manifest.
 
     Docker's list type cannot carry annotations, so annotations force an OCI index.
@@ -72,9 +70,7 @@ def build_index(
             )
         seen[child.platform] = child.digest
     all_docker = all(child.media_type == mediatypes.DOCKER_MANIFEST for child in children)
-    media_type = (
-        mediatypes.DOCKER_MANIFEST_LIST if all_docker and not annotations else mediatypes.OCI_INDEX
-    )
+    media_type = mediatypes.DOCKER_MANIFEST_LIST if all_docker and not annotations else mediatypes.OCI_INDEX
     document: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": media_type,

@@ -120,8 +120,10 @@ def parse_inventory(text: str, source: str) -> Inventory:
         raise InventoryError(f"{source}: expected a mapping with a 'nodes' list")
     unknown = set(document) - {"nodes", "defaults"}
     if unknown:
-        raise InventoryError(f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}",
-                             hint="an inventory has 'nodes' and optionally 'defaults'")
+        raise InventoryError(
+            f"{source}: unknown top-level key(s): {', '.join(sorted(unknown))}",
+            hint="an inventory has 'nodes' and optionally 'defaults'",
+        )
     defaults = document.get("defaults") or {}
     nodes = document.get("nodes")
     if not isinstance(defaults, dict):
@@ -143,8 +145,10 @@ def load_inventory(path: Path | None) -> Inventory:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InventoryError(f"cannot read inventory {path}: {exc.strerror}",
-                             hint="pass --inventory PATH or set FARM_INVENTORY") from exc
+        raise InventoryError(
+            f"cannot read inventory {path}: {exc.strerror}",
+            hint="pass --inventory PATH or set FARM_INVENTORY",
+        ) from exc
     return parse_inventory(text, str(path))
 
 

@@ -68,7 +68,7 @@ class TtyProgress:
             out.write(f"\x1b[{self._drawn}F")
         for platform, (state, node, last) in self._rows.items():
             elapsed = self._ended.get(platform, now) - self._started[platform]
-            line = f"{str(platform):<15} {state:<10} {node:<12} {elapsed:6.1f}s  {last}"
+            line = f"{platform!s:<15} {state:<10} {node:<12} {elapsed:6.1f}s  {last}"
             out.write("\x1b[2K" + line[: width - 1] + "\n")
         self._drawn = len(self._rows)
         out.flush()

@@ -87,6 +87,8 @@ def _describe_capacity(candidates: Iterable[Candidate]) -> str:
         parts.append(text)
     if not parts:
         return "no node of the inventory is usable"
-    return "the inventory has: " + "; ".join(parts) + (
-        ". Add a node for the missing platform, or register its QEMU handler (deploy/lab/setup.sh)"
+    return (
+        "the inventory has: "
+        + "; ".join(parts)
+        + (". Add a node for the missing platform, or register its QEMU handler (deploy/lab/setup.sh)")
     )

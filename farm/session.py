@@ -82,9 +82,9 @@ class AgentSession:
                 await asyncio.sleep(protocol.HEARTBEAT_INTERVAL)
                 await self._send("heartbeat")
 
-    async def _send(self, kind: str, **fields: Any) -> None:
+    async def _send(self, message_type: str, /, **fields: Any) -> None:
         try:
-            await self._process.write(protocol.encode(kind, **fields))
+            await self._process.write(protocol.encode(message_type, **fields))
         except (ConnectionError, OSError) as exc:
             raise self._lost(f"cannot write to the agent: {exc}") from exc
 
@@ -109,7 +109,8 @@ class AgentSession:
     def _unexpected(self, message: protocol.Message, wanted: str) -> FarmError:
         if message["type"] != "error":
             return NodeError(
-                f"agent on {self.node} sent {message['type']!r} where {wanted!r} was due", node=self.node
+                f"agent on {self.node} sent {message['type']!r} where {wanted!r} was due",
+                node=self.node,
             )
         text = str(message.get("message", "unknown error"))
         tail = tuple(str(line) for line in message.get("log_tail") or ())

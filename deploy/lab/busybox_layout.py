@@ -195,9 +195,7 @@ def _gzip(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _image(
-    blobs: _BlobStore, platform: DebPlatform, busybox: bytes, applets: list[str]
-) -> dict[str, object]:
+def _image(blobs: _BlobStore, platform: DebPlatform, busybox: bytes, applets: list[str]) -> dict[str, object]:
     """Write one platform's layer, config and manifest; return the manifest's index entry."""
     tar = _layer_tar(busybox, applets)
     layer = blobs.put(MEDIA_LAYER, _gzip(tar))

@@ -23,7 +23,9 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
-_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$")
+_HOST = re.compile(
+    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
         text, digest = text.split("@", 1)
         if not _DIGEST.match(digest):
             raise ReferenceError_(
-                f"invalid digest in {original!r}", hint="a digest is sha256: and 64 lowercase hex digits"
+                f"invalid digest in {original!r}",
+                hint="a digest is sha256: and 64 lowercase hex digits",
             )
     registry, _, remainder = text.partition("/")
     if remainder and (registry == "localhost" or "." in registry or ":" in registry):
