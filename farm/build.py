@@ -128,8 +128,8 @@ class _Node:
 async def run_build(options: BuildOptions, inventory: Inventory, on_event: EventSink) -> BuildResult:
     tags = _parse_tags(options.tags)
     target = tags[0]
-    dockerfile_text = _read_dockerfile(options)
     context = await asyncio.to_thread(scan_context, options.context)
+    dockerfile_text = _read_dockerfile(options)
     nodes = [
         _Node(spec, _transport_for(spec), slots=asyncio.Semaphore(spec.slots)) for spec in inventory.nodes
     ]

@@ -1,0 +1,155 @@
+"""The real parts the integration tests run against: a registry, dockerd, skopeo, farm itself.
+
+Each test session starts its own CNCF distribution registry on a free loopback port, with its
+data in a temporary folder, seeded with the multi-platform busybox base that
+``deploy/lab/setup.sh`` makes from Debian packages. dockerd and binfmt_misc come from that
+set-up script too (``tests/run.sh`` runs it first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_STATE = Path(os.environ.get("FARM_LAB_STATE", REPO / ".lab"))
+BUSYBOX_LAYOUT = LAB_STATE / "busybox-oci"
+SETUP_HINT = "run deploy/lab/setup.sh (tests/run.sh does) to install and start the lab"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(check: object, what: str, seconds: float = 20.0) -> None:
+    """Poll a readiness check (a service coming up), failing loudly after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise LabError(f"{what} did not happen within {seconds:.0f} s")
+
+
+@dataclass
+class Registry:
+    host: str  # "127.0.0.1:PORT"
+    data: Path
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}{path}"
+
+    def tags(self, repository: str) -> list[str]:
+        response = httpx.get(self.url(f"/v2/{repository}/tags/list"))
+        if response.status_code == 404:
+            return []
+        response.raise_for_status()
+        return list(response.json().get("tags") or [])
+
+    def raw_manifest(self, reference: str) -> dict[str, object]:
+        """What a real client (skopeo) reads for ``repository:tag`` or ``repository@digest``."""
+        out = run(["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{self.host}/{reference}"])
+        document: dict[str, object] = json.loads(out)
+        return document
+
+
+@contextlib.contextmanager
+def running_registry(workdir: Path) -> Iterator[Registry]:
+    if not BUSYBOX_LAYOUT.exists():
+        raise LabError(f"no busybox base image at {BUSYBOX_LAYOUT}; {SETUP_HINT}")
+    port = free_port()
+    data = workdir / "data"
+    config = workdir / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log: {level: warn}\n"
+        f"storage: {{filesystem: {{rootdirectory: {data}}}, delete: {{enabled: true}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n"
+    )
+    log = (workdir / "registry.log").open("wb")
+    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    registry = Registry(f"127.0.0.1:{port}", data)
+    try:
+        wait_until(lambda: _answers(registry.url("/v2/")) or process.poll() is not None, "registry start")
+        if process.poll() is not None:
+            raise LabError(f"the registry exited: {(workdir / 'registry.log').read_text()[-2000:]}")
+        run(
+            [
+                "skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                f"oci:{BUSYBOX_LAYOUT}:latest", f"docker://{registry.host}/library/busybox:latest",
+            ]
+        )  # fmt: skip
+        yield registry
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run(argv: list[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and done.returncode != 0:
+        raise LabError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def require_docker() -> None:
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
+        raise LabError(f"dockerd is not running; {SETUP_HINT}")
+
+
+def docker_run(image: str, platform: str, *command: str) -> str:
+    """Run ``image`` as ``platform`` with a real docker client, pulling the index afresh."""
+    return run(["docker", "run", "--rm", "--pull", "always", "--platform", platform, image, *command]).strip()
+
+
+@dataclass
+class FarmRun:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def farm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> FarmRun:
+    """Run the real ``farm`` command line as a user would."""
+    done = subprocess.run(
+        [sys.executable, "-m", "farm", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
+    return FarmRun(done.returncode, done.stdout, done.stderr)
+
+
+def write_inventory(path: Path, **node: object) -> Path:
+    """An inventory with one local node; ``node`` overrides its fields."""
+    fields = {"name": "local", "local": True, "slots": 8, **node}
+    lines = ["nodes:", "  - " + "\n    ".join(f"{key}: {json.dumps(value)}" for key, value in fields.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
