@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -122,12 +123,27 @@ def build(
     nodes = _guard(ctx, lambda: load_inventory(inventory))
     renderer = make_progress(progress)
     try:
-        result = _guard(ctx, lambda: asyncio.run(run_build(options, nodes, renderer)))
+        result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer)))
     finally:
         renderer.close()
     _print_summary(result)
     if metadata_file is not None:
         metadata_file.write_text(json.dumps(result.metadata(), indent=2) + "\n")
+
+
+def _run(work: Coroutine[object, object, T]) -> T:
+    """Run ``work``; SIGTERM cancels it like Ctrl-C does, so every node is told to stop."""
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await work
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 def _this_platform() -> Platform:

@@ -76,5 +76,8 @@ class LocalTransport:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             limit=64 * 1024 * 1024,
+            # Its own session: a Ctrl-C on the terminal reaches the coordinator only, which then
+            # stops the agent through the protocol, in order.
+            start_new_session=True,
         )  # fmt: skip
         return SubprocessAgent(process)
