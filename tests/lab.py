@@ -110,7 +110,9 @@ def _answers(url: str) -> bool:
         return False
 
 
-def run(argv: list[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+def run(
+    argv: list[str], *, check: bool = True, env: dict[str, str] | None = None, timeout: float = 600
+) -> str:
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     if check and done.returncode != 0:
         raise LabError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")

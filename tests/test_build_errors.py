@@ -19,11 +19,17 @@ def context(tmp_path: Path, registry: lab.Registry) -> Path:
     return root
 
 
-def build(registry: lab.Registry, inventory: Path, context: Path, *extra: str, repo: str = "errors/x") -> lab.FarmRun:
-    return lab.farm("build", "-t", f"{registry.host}/{repo}:1", "--inventory", str(inventory), *extra, str(context))
+def build(
+    registry: lab.Registry, inventory: Path, context: Path, *extra: str, repo: str = "errors/x"
+) -> lab.FarmRun:
+    return lab.farm(
+        "build", "-t", f"{registry.host}/{repo}:1", "--inventory", str(inventory), *extra, str(context)
+    )
 
 
-def test_unknown_platform_lists_the_valid_spellings(registry: lab.Registry, inventory: Path, context: Path) -> None:
+def test_unknown_platform_lists_the_valid_spellings(
+    registry: lab.Registry, inventory: Path, context: Path
+) -> None:
     run = build(registry, inventory, context, "--platform", "linux/amd64,linux/sparc")
     assert run.code == 2
     assert "unknown platform 'linux/sparc'" in run.stderr
@@ -64,7 +70,8 @@ def test_missing_dockerfile(registry: lab.Registry, inventory: Path, tmp_path: P
     (tmp_path / "empty").mkdir()
     run = build(registry, inventory, tmp_path / "empty")
     assert run.code == 2
-    assert "Dockerfile" in run.stderr and "does not exist" in run.stderr
+    assert "Dockerfile" in run.stderr
+    assert "does not exist" in run.stderr
     assert "-f PATH" in run.stderr
 
 
@@ -106,7 +113,9 @@ def test_failing_build_names_the_platform_shows_its_log_and_tags_nothing(
     assert registry.tags("errors/broken") == []
 
 
-def test_bad_inventory_names_file_node_and_field(registry: lab.Registry, tmp_path: Path, context: Path) -> None:
+def test_bad_inventory_names_file_node_and_field(
+    registry: lab.Registry, tmp_path: Path, context: Path
+) -> None:
     inventory = tmp_path / "bad.yaml"
     inventory.write_text("nodes:\n  - name: pi\n    host: 192.0.2.1\n    slots: 0\n")
     run = build(registry, inventory, context)

@@ -52,7 +52,8 @@ def test_hello_for_four_platforms_runs_as_each_in_docker(
     metadata = tmp_path / "metadata.json"
     run = lab.farm(
         "build", "-t", tag, "--platform", ",".join(platforms), "--progress", "plain",
-        "--inventory", str(inventory), "--metadata-file", str(metadata), str(hello_context(tmp_path, registry)),
+        "--inventory", str(inventory), "--metadata-file", str(metadata),
+        str(hello_context(tmp_path, registry)),
     )  # fmt: skip
     assert run.code == 0, run.stderr
 
@@ -115,7 +116,9 @@ def test_build_platform_stage_runs_natively_and_the_rest_as_the_target(
         """,
     )
     tag = f"{registry.host}/checks/cross:1"
-    run = lab.farm("build", "-t", tag, "--platform", "linux/ppc64le", "--inventory", str(inventory), str(context))
+    run = lab.farm(
+        "build", "-t", tag, "--platform", "linux/ppc64le", "--inventory", str(inventory), str(context)
+    )
     assert run.code == 0, run.stderr
     assert lab.docker_run(tag, "linux/ppc64le").splitlines() == [
         "tools ran on x86_64 for ppc64le",
@@ -144,7 +147,9 @@ def test_a_base_pulled_for_another_platform_cannot_leak_into_the_image(
     inventory = lab.write_inventory(tmp_path / "inventory.yaml", builder=builder, workdir=str(node_workdir))
     context = write_context(tmp_path / "ctx", f"FROM {base}\nRUN uname -m > /built-on\nCMD cat /built-on\n")
     tag = f"{registry.host}/checks/no-leak:{builder}"
-    run = lab.farm("build", "-t", tag, "--platform", "linux/s390x", "--inventory", str(inventory), str(context))
+    run = lab.farm(
+        "build", "-t", tag, "--platform", "linux/s390x", "--inventory", str(inventory), str(context)
+    )
     assert run.code == 0, run.stderr
     assert lab.docker_run(tag, "linux/s390x") == "s390x"
 
@@ -200,7 +205,9 @@ def test_context_keeps_modes_links_empty_folders_and_names_and_honours_dockerign
     os.chmod(context / "empty", 0o705)
     os.symlink("keep/notes.txt", context / "link")
     tag = f"{registry.host}/checks/context:1"
-    run = lab.farm("build", "-t", tag, "--platform", "linux/amd64", "--inventory", str(inventory), str(context))
+    run = lab.farm(
+        "build", "-t", tag, "--platform", "linux/amd64", "--inventory", str(inventory), str(context)
+    )
     assert run.code == 0, run.stderr
     listing = set(lab.docker_run(tag, "linux/amd64").splitlines())
     assert {
