@@ -30,6 +30,7 @@ from farm.errors import (
     FarmError,
     InputError,
     InventoryError,
+    NodeError,
     PlanError,
     RegistryError,
 )
@@ -43,6 +44,7 @@ from farm.registry.verify import LayerScan, verify_image
 from farm.scheduler import Assignment, Candidate, Mode, plan_build
 from farm.session import AgentSession, open_session
 from farm.transport import LocalTransport, Transport
+from farm.transport.ssh import SshConnections, SshTransport
 
 __all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "run_build"]
 
@@ -119,7 +121,7 @@ class _Node:
     transport: Transport
     facts: NodeFacts | None = None
     builder: str = ""
-    problem: str = ""
+    problem: FarmError | None = None  # why the node cannot be used in this build
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     synced: asyncio.Lock = field(default_factory=asyncio.Lock)
     synced_contexts: set[str] = field(default_factory=set)
@@ -127,17 +129,33 @@ class _Node:
 
 async def run_build(options: BuildOptions, inventory: Inventory, on_event: EventSink) -> BuildResult:
     tags = _parse_tags(options.tags)
-    target = tags[0]
     context = await asyncio.to_thread(scan_context, options.context)
     dockerfile_text = _read_dockerfile(options)
+    connections = SshConnections()
     nodes = [
-        _Node(spec, _transport_for(spec), slots=asyncio.Semaphore(spec.slots)) for spec in inventory.nodes
+        _Node(spec, _transport_for(spec, connections), slots=asyncio.Semaphore(spec.slots))
+        for spec in inventory.nodes
     ]
+    try:
+        return await _build(options, tags, context, dockerfile_text, nodes, on_event)
+    finally:
+        await connections.close()
+
+
+async def _build(
+    options: BuildOptions,
+    tags: list[Reference],
+    context: Context,
+    dockerfile_text: str,
+    nodes: list[_Node],
+    on_event: EventSink,
+) -> BuildResult:
+    target = tags[0]
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
         await asyncio.gather(*(_probe(node) for node in nodes))
         by_name = {node.spec.name: node for node in nodes}
-        assignments = plan_build(options.platforms, _candidates(nodes))
+        assignments = _plan(options.platforms, nodes)
         dockerfiles = await _pin_dockerfiles(client, dockerfile_text, options, assignments, by_name)
         results: dict[Platform, PlatformResult] = {}
         failures: dict[str, FarmError] = {}
@@ -196,13 +214,8 @@ def _read_dockerfile(options: BuildOptions) -> str:
         raise ContextError(f"cannot read Dockerfile {path}: {exc}") from exc
 
 
-def _transport_for(spec: NodeSpec) -> Transport:
-    if spec.local:
-        return LocalTransport()
-    raise InventoryError(
-        f"node {spec.name!r}: SSH nodes are not supported by this farm version yet",
-        hint="use 'local: true' nodes for now",
-    )
+def _transport_for(spec: NodeSpec, connections: SshConnections) -> Transport:
+    return LocalTransport() if spec.local else SshTransport(spec, connections)
 
 
 async def _probe(node: _Node) -> None:
@@ -211,7 +224,7 @@ async def _probe(node: _Node) -> None:
         async with open_session(node.spec.name, node.transport, node.spec.agent_workdir()) as session:
             node.facts = await session.facts()
     except FarmError as exc:
-        node.problem = exc.message
+        node.problem = exc
         return
     facts = node.facts
     if node.spec.platforms is not None and facts.native_platform not in node.spec.platforms:
@@ -227,7 +240,22 @@ async def _probe(node: _Node) -> None:
     elif wanted in available:
         node.builder = wanted
     if not node.builder:
-        node.problem = f"builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})"
+        node.problem = NodeError(
+            f"{node.spec.name}: builder {wanted!r} is not usable there "
+            f"(found: {', '.join(available) or 'none'})",
+            node=node.spec.name,
+            hint="install a builder on the node, or set 'builder' to one it has",
+        )
+
+
+def _plan(platforms: tuple[Platform, ...], nodes: list[_Node]) -> list[Assignment]:
+    try:
+        return plan_build(platforms, _candidates(nodes))
+    except PlanError as exc:
+        unusable = [node.problem.message for node in nodes if node.problem is not None]
+        if not unusable:
+            raise
+        raise PlanError(exc.message, hint=f"{exc.hint}. Not usable now: {'; '.join(unusable)}") from exc
 
 
 def _candidates(nodes: list[_Node]) -> list[Candidate]:
@@ -245,7 +273,10 @@ def _candidates(nodes: list[_Node]) -> list[Candidate]:
             )
         )
     if not candidates:
-        reasons = "; ".join(f"{node.spec.name}: {node.problem}" for node in nodes)
+        problems = [node.problem for node in nodes if node.problem is not None]
+        if len(problems) == 1:
+            raise problems[0]
+        reasons = "; ".join(problem.message for problem in problems)
         raise PlanError(f"no node is usable ({reasons})")
     return candidates
 

@@ -76,9 +76,10 @@ class PlanError(FarmError):
 class NodeError(FarmError):
     """The node, not the build, is at fault: the platform may be retried elsewhere."""
 
-    def __init__(self, message: str, *, node: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, node: str, retryable: bool = False, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.node = node
+        self.retryable = retryable  # a transient fault (connection refused, timeout): try again
 
 
 class BuildError(FarmError):

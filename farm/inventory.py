@@ -39,7 +39,7 @@ class NodeSpec(BaseModel):
     name: str
     local: bool = False
     host: str | None = None
-    port: int = Field(default=22, ge=1, le=65535)
+    port: int | None = Field(default=None, ge=1, le=65535, description="22 unless ~/.ssh/config says")
     user: str | None = None
     identity_file: Path | None = None
     known_hosts: Path | None = None

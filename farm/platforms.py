@@ -132,7 +132,9 @@ def normalize(os: str, architecture: str, variant: str = "") -> Platform:
     arch, implied_variant = _ARCH_ALIASES[arch_key]
     variant = variant.lower()
     if implied_variant and variant and variant != implied_variant:
-        raise PlatformError(f"architecture {architecture!r} cannot have variant {variant!r}")
+        raise PlatformError(
+            f"architecture {architecture!r} cannot have variant {variant!r}", hint=_valid_spellings()
+        )
     variant = variant or implied_variant
     if arch == "arm":
         variant = _ARM_VARIANTS.get(variant.removeprefix("v"), variant)

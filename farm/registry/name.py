@@ -19,6 +19,7 @@ __all__ = ["DOCKER_HUB", "Reference", "is_loopback_host", "parse_reference"]
 
 DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API = "registry-1.docker.io"
+_LEGACY_DOCKER_HUB = "index.docker.io"  # docker rewrites it to docker.io
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -84,6 +85,8 @@ def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
             raise ReferenceError_(f"invalid registry host {registry!r} in {original!r}")
     else:
         registry, remainder = DOCKER_HUB, text
+    if registry == _LEGACY_DOCKER_HUB:
+        registry = DOCKER_HUB
     tag = ""
     last = remainder.rsplit("/", 1)[-1]
     if ":" in last:

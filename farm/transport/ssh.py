@@ -1,0 +1,369 @@
+"""SSH nodes: the agent zipapp run over one asyncssh connection per node.
+
+* One connection per node, its sessions (one per agent process) bounded below sshd's MaxSessions;
+  a bounded number of handshakes at once, so a farm of Pis behind one NAT is not refused by
+  sshd's MaxStartups.
+* Keepalives every 5 s, three missed: a dead node is found within about 20 s.
+* Host keys are verified, always: against the node's ``known_hosts`` or farm's own file plus
+  ``~/.ssh/known_hosts``. ``farm nodes add`` pins a new host's key; a changed key is refused,
+  naming the host and both fingerprints.
+* Zero install: a stage-one script of a few lines, run by the node's ``python3``, executes the
+  agent cached in the node's workdir under its sha256, or first receives it on stdin.
+* ``~/.ssh/config`` is honoured (host aliases, ProxyJump, IdentityFile, Port, User).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import shlex
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from agent.protocol import MARKER
+from farm.errors import NodeError
+from farm.inventory import NodeSpec
+from farm.transport.bundle import agent_bundle
+
+__all__ = [
+    "FARM_KNOWN_HOSTS",
+    "HostKey",
+    "SshConnections",
+    "SshTransport",
+    "fetch_host_key",
+    "pin_host_key",
+]
+
+FARM_KNOWN_HOSTS = Path.home() / ".config" / "farm" / "known_hosts"
+_USER_KNOWN_HOSTS = Path.home() / ".ssh" / "known_hosts"
+MAX_SESSIONS = 9  # sshd's MaxSessions defaults to 10
+MAX_HANDSHAKES = 8  # below sshd's MaxStartups (10 unauthenticated connections)
+_CONNECT_ATTEMPTS = 3
+_NEED_AGENT = b"FARM-NEED-AGENT"
+_STDERR_LINES = 40
+_MAX_NOISE_LINES = 200
+
+# Stage one, run as `python3 -I -c STAGE1 SHA256 SIZE WORKDIR`: exec the cached agent, or first
+# receive it on stdin (exactly SIZE bytes, read unbuffered so nothing meant for the agent is lost).
+_STAGE1 = """\
+import hashlib, os, sys
+if sys.version_info < (3, 9):
+    sys.stderr.write("farm: python3 is %d.%d; the agent needs 3.9 or newer\\n" % sys.version_info[:2])
+    sys.exit(90)
+digest, size, workdir = sys.argv[1], int(sys.argv[2]), os.path.expanduser(sys.argv[3])
+path = os.path.join(workdir, "agent", "farm-agent-%s.pyz" % digest[:16])
+if not os.path.exists(path):
+    os.write(1, b"FARM-NEED-AGENT\\n")
+    data = b""
+    while len(data) < size:
+        chunk = os.read(0, size - len(data))
+        if not chunk:
+            sys.exit(91)
+        data += chunk
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit(92)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = "%s.%d" % (path, os.getpid())
+    with open(partial, "wb") as out:
+        out.write(data)
+    os.replace(partial, path)
+os.execv(sys.executable, [sys.executable, "-I", path, "--workdir", workdir])
+"""
+
+
+@dataclass(frozen=True)
+class HostKey:
+    host: str  # as known_hosts spells it: "host" or "[host]:port"
+    key: asyncssh.SSHKey
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.key.get_fingerprint("sha256"))
+
+    @property
+    def line(self) -> str:
+        return f"{self.host} {self.key.export_public_key().decode().strip()}"
+
+
+def _known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+class _VerifyingClient(asyncssh.SSHClient):
+    """Remembers the key a host presented when it matched nothing, for a useful error."""
+
+    def __init__(self) -> None:
+        self.presented: asyncssh.SSHKey | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        self.presented = key
+        return False
+
+
+class SshProcess:
+    """An agent process on a node: the ``AgentProcess`` interface over an SSH session."""
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes], release: asyncio.Semaphore) -> None:
+        self._process = process
+        self._release = release
+        self._pushed_back: deque[bytes] = deque()
+        self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
+        self._stderr_task = asyncio.ensure_future(self._collect_stderr())
+        self._released = False
+
+    async def _collect_stderr(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            async for line in self._process.stderr:
+                self._stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def push_back(self, line: bytes) -> None:
+        self._pushed_back.append(line)
+
+    async def write(self, data: bytes) -> None:
+        self._process.stdin.write(data)
+        await self._process.stdin.drain()
+
+    async def readline(self) -> bytes:
+        if self._pushed_back:
+            return self._pushed_back.popleft()
+        try:
+            return await self._process.stdout.readline()
+        except asyncssh.Error as exc:
+            raise ConnectionError(str(exc)) from exc
+
+    async def readexactly(self, size: int) -> bytes:
+        return await self._process.stdout.readexactly(size)
+
+    def close_stdin(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.stdin.write_eof()
+
+    async def wait(self) -> int:
+        try:
+            completed = await self._process.wait()
+            await self._stderr_task
+            code = completed.exit_status
+            return -1 if code is None else code
+        except (asyncssh.Error, OSError):
+            return -1
+        finally:
+            self._done()
+
+    def kill(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.close()
+        self._done()
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr)
+
+    def _done(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release.release()
+
+
+@dataclass
+class _Connection:
+    connection: asyncssh.SSHClientConnection | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sessions: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_SESSIONS))
+
+
+class SshConnections:
+    """The SSH connections of one coordinator: one per node, reused, reconnected when lost."""
+
+    def __init__(self, known_hosts: Path = FARM_KNOWN_HOSTS) -> None:
+        self._known_hosts = known_hosts
+        self._handshakes = asyncio.Semaphore(MAX_HANDSHAKES)
+        self._nodes: dict[str, _Connection] = {}
+
+    async def close(self) -> None:
+        for entry in self._nodes.values():
+            if entry.connection is not None:
+                entry.connection.close()
+                await entry.connection.wait_closed()
+
+    async def connection(self, spec: NodeSpec) -> tuple[asyncssh.SSHClientConnection, asyncio.Semaphore]:
+        entry = self._nodes.setdefault(spec.name, _Connection())
+        async with entry.lock:
+            if entry.connection is None or entry.connection.is_closed():
+                entry.connection = await self._connect_with_retries(spec)
+        return entry.connection, entry.sessions
+
+    async def _connect_with_retries(self, spec: NodeSpec) -> asyncssh.SSHClientConnection:
+        for attempt in range(_CONNECT_ATTEMPTS):
+            try:
+                async with self._handshakes:
+                    return await connect(spec, self._known_hosts)
+            except NodeError as exc:
+                if not exc.retryable or attempt == _CONNECT_ATTEMPTS - 1:
+                    raise
+            # Full jitter: nodes that dropped together do not come back knocking together.
+            await asyncio.sleep(random.uniform(0, min(10.0, 2.0**attempt)))
+        raise AssertionError("unreachable")
+
+
+def _options(spec: NodeSpec) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "keepalive_interval": 5,
+        "keepalive_count_max": 3,
+        "connect_timeout": 15,
+        "compression_algs": None,
+        "encryption_algs": [
+            "aes128-gcm@openssh.com",
+            "aes256-gcm@openssh.com",
+            "chacha20-poly1305@openssh.com",
+            "aes128-ctr",
+            "aes256-ctr",
+        ],
+        "request_pty": False,
+        "agent_forwarding": False,
+    }
+    if spec.port is not None:
+        options["port"] = spec.port
+    if spec.user:
+        options["username"] = spec.user
+    if spec.identity_file:
+        options["client_keys"] = [str(spec.identity_file.expanduser())]
+    if spec.proxy_jump:
+        options["tunnel"] = spec.proxy_jump
+    return options
+
+
+def _trusted_files(spec: NodeSpec, farm_known_hosts: Path) -> list[str]:
+    if spec.known_hosts is not None:
+        return [str(spec.known_hosts.expanduser())]
+    return [str(path) for path in (farm_known_hosts, _USER_KNOWN_HOSTS) if path.exists()]
+
+
+async def connect(spec: NodeSpec, farm_known_hosts: Path = FARM_KNOWN_HOSTS) -> asyncssh.SSHClientConnection:
+    """Connect to a node, verifying its host key; every failure becomes a ``NodeError``."""
+    assert spec.host is not None
+    files = _trusted_files(spec, farm_known_hosts)
+    client = _VerifyingClient()
+    try:
+        connection, _ = await asyncssh.create_connection(
+            lambda: client,
+            spec.host,
+            known_hosts=asyncssh.read_known_hosts(files) if files else ([], [], []),
+            **_options(spec),
+        )
+        return connection
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise _host_key_error(spec, files, client.presented) from exc
+    except asyncssh.PermissionDenied as exc:
+        raise NodeError(
+            f"{spec.name}: {spec.host} refused our key ({exc.reason})",
+            node=spec.name,
+            hint="check 'user' and 'identity_file' for this node, and the node's authorized_keys",
+        ) from exc
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise NodeError(
+            f"{spec.name}: cannot connect to {spec.host}: {exc or type(exc).__name__}",
+            node=spec.name,
+            retryable=True,
+        ) from exc
+
+
+def _host_key_error(spec: NodeSpec, files: Sequence[str], presented: asyncssh.SSHKey | None) -> NodeError:
+    assert spec.host is not None
+    port = spec.port or 22
+    offered = presented.get_fingerprint("sha256") if presented else "unknown"
+    known = []
+    if files:
+        trusted, _, _, _, _, _, _ = asyncssh.read_known_hosts(list(files)).match(spec.host, "", port)
+        known = [key.get_fingerprint("sha256") for key in trusted]
+    if known:
+        return NodeError(
+            f"{spec.name}: the host key of {spec.host} has CHANGED: it presents {offered}, "
+            f"known is {', '.join(known)}; refusing to connect",
+            node=spec.name,
+            hint="if the node was re-installed, remove its old line from known_hosts and run "
+            "'farm nodes add' again; otherwise someone may be impersonating it",
+        )
+    return NodeError(
+        f"{spec.name}: the host key of {spec.host} ({offered}) is not known",
+        node=spec.name,
+        hint=f"pin it with 'farm nodes add' (it writes {FARM_KNOWN_HOSTS}), or add it to the "
+        "node's known_hosts file",
+    )
+
+
+async def fetch_host_key(spec: NodeSpec) -> HostKey:
+    """The key a host presents, without trusting it (for ``farm nodes add`` to show and pin)."""
+    assert spec.host is not None
+    options = _options(spec)
+    port = options.pop("port", 22)
+    try:
+        async with asyncio.timeout(15):
+            key = await asyncssh.get_server_host_key(spec.host, port, tunnel=options.get("tunnel", ()))
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise NodeError(f"{spec.name}: cannot reach {spec.host}: {exc}", node=spec.name) from exc
+    if key is None:
+        raise NodeError(f"{spec.name}: {spec.host} presented no host key", node=spec.name)
+    return HostKey(_known_hosts_name(spec.host, port), key)
+
+
+def pin_host_key(host_key: HostKey, known_hosts: Path) -> bool:
+    """Accept-new: add the key if the host has none yet; refuse a different key. True if added."""
+    host, _, port_text = host_key.host.removeprefix("[").partition("]:")
+    port = int(port_text) if port_text else 22
+    if known_hosts.exists():
+        trusted, *_ = asyncssh.read_known_hosts(str(known_hosts)).match(host, "", port)
+        if any(key == host_key.key for key in trusted):
+            return False
+        if trusted:
+            raise NodeError(
+                f"{host} already has a different key in {known_hosts}: "
+                f"{', '.join(key.get_fingerprint('sha256') for key in trusted)}; "
+                f"it now presents {host_key.fingerprint}",
+                node=host,
+                hint="if the node was re-installed, remove its old line first",
+            )
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    with known_hosts.open("a") as out:
+        out.write(host_key.line + "\n")
+    return True
+
+
+class SshTransport:
+    """Starts the agent on a node over the pooled connection."""
+
+    def __init__(self, spec: NodeSpec, connections: SshConnections) -> None:
+        self._spec = spec
+        self._connections = connections
+
+    async def start_agent(self, workdir: str) -> SshProcess:
+        connection, sessions = await self._connections.connection(self._spec)
+        bundle = agent_bundle()
+        command = " ".join(
+            shlex.quote(part)
+            for part in ("python3", "-I", "-c", _STAGE1, bundle.sha256, str(len(bundle.data)), workdir)
+        )
+        await sessions.acquire()
+        try:
+            process = await connection.create_process(command, encoding=None, request_pty=False)
+        except (asyncssh.Error, OSError) as exc:
+            sessions.release()
+            raise NodeError(
+                f"{self._spec.name}: cannot start the agent: {exc}", node=self._spec.name
+            ) from exc
+        agent = SshProcess(process, sessions)
+        # Stage one either asks for the agent, or execs the cached one, which prints its marker.
+        # Lines before either (a chatty shell start-up file) are left for the session to skip.
+        for _ in range(_MAX_NOISE_LINES):
+            line = await agent.readline()
+            if line.rstrip(b"\r\n") == _NEED_AGENT:
+                await agent.write(bundle.data)
+                break
+            agent.push_back(line)
+            if not line or line.rstrip(b"\r\n") == MARKER:
+                break
+        return agent
