@@ -13,6 +13,8 @@ import subprocess
 import sys
 from typing import Any
 
+from agent import AGENT_VERSION
+
 __all__ = ["BUILDERS", "probe"]
 
 BUILDERS = ("buildah", "podman", "docker")
@@ -25,6 +27,7 @@ def probe(workdir: str) -> dict[str, Any]:
     return {
         "machine": platform.machine(),
         "system": platform.system().lower(),
+        "agent_version": AGENT_VERSION,
         "python": ".".join(str(part) for part in sys.version_info[:3]),
         "cores": os.cpu_count() or 1,
         "memory_bytes": _memory_bytes(),

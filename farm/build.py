@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +29,18 @@ from farm.errors import (
     ContextError,
     FarmError,
     InputError,
-    InventoryError,
-    NodeError,
     PlanError,
     RegistryError,
 )
 from farm.index import Descriptor, build_index
-from farm.inventory import Inventory, NodeSpec
-from farm.nodefacts import NodeFacts
+from farm.inventory import Inventory
+from farm.nodes import Node, candidates, open_nodes, probe
 from farm.platforms import Platform, normalize
 from farm.registry.client import RegistryClient
 from farm.registry.name import Reference, parse_reference
 from farm.registry.verify import LayerScan, verify_image
-from farm.scheduler import Assignment, Candidate, Mode, plan_build
+from farm.scheduler import Assignment, Mode, plan_build
 from farm.session import AgentSession, open_session
-from farm.transport import LocalTransport, Transport
-from farm.transport.ssh import SshConnections, SshTransport
 
 __all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "run_build"]
 
@@ -115,31 +111,17 @@ class BuildResult:
 EventSink = Callable[[PlatformEvent], None]
 
 
-@dataclass
-class _Node:
-    spec: NodeSpec
-    transport: Transport
-    facts: NodeFacts | None = None
-    builder: str = ""
-    problem: FarmError | None = None  # why the node cannot be used in this build
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    synced: asyncio.Lock = field(default_factory=asyncio.Lock)
-    synced_contexts: set[str] = field(default_factory=set)
-
-
-async def run_build(options: BuildOptions, inventory: Inventory, on_event: EventSink) -> BuildResult:
+async def run_build(
+    options: BuildOptions,
+    inventory: Inventory,
+    on_event: EventSink,
+    drained: frozenset[str] = frozenset(),
+) -> BuildResult:
     tags = _parse_tags(options.tags)
     context = await asyncio.to_thread(scan_context, options.context)
     dockerfile_text = _read_dockerfile(options)
-    connections = SshConnections()
-    nodes = [
-        _Node(spec, _transport_for(spec, connections), slots=asyncio.Semaphore(spec.slots))
-        for spec in inventory.nodes
-    ]
-    try:
+    async with open_nodes(inventory, drained) as nodes:
         return await _build(options, tags, context, dockerfile_text, nodes, on_event)
-    finally:
-        await connections.close()
 
 
 async def _build(
@@ -147,13 +129,13 @@ async def _build(
     tags: list[Reference],
     context: Context,
     dockerfile_text: str,
-    nodes: list[_Node],
+    nodes: list[Node],
     on_event: EventSink,
 ) -> BuildResult:
     target = tags[0]
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
-        await asyncio.gather(*(_probe(node) for node in nodes))
+        await asyncio.gather(*(probe(node) for node in nodes))
         by_name = {node.spec.name: node for node in nodes}
         assignments = _plan(options.platforms, nodes)
         dockerfiles = await _pin_dockerfiles(client, dockerfile_text, options, assignments, by_name)
@@ -214,71 +196,22 @@ def _read_dockerfile(options: BuildOptions) -> str:
         raise ContextError(f"cannot read Dockerfile {path}: {exc}") from exc
 
 
-def _transport_for(spec: NodeSpec, connections: SshConnections) -> Transport:
-    return LocalTransport() if spec.local else SshTransport(spec, connections)
-
-
-async def _probe(node: _Node) -> None:
-    """Learn what the node is; a node that cannot be probed is left out with its reason."""
+def _plan(platforms: tuple[Platform, ...], nodes: list[Node]) -> list[Assignment]:
     try:
-        async with open_session(node.spec.name, node.transport, node.spec.agent_workdir()) as session:
-            node.facts = await session.facts()
-    except FarmError as exc:
-        node.problem = exc
-        return
-    facts = node.facts
-    if node.spec.platforms is not None and facts.native_platform not in node.spec.platforms:
-        raise InventoryError(
-            f"node {node.spec.name!r}: the inventory says it builds "
-            f"{', '.join(map(str, node.spec.platforms))} natively, but it is {facts.native_platform}",
-            hint="fix 'platforms' for this node, or drop it to use what the node reports",
-        )
-    wanted = node.spec.builder
-    available = facts.builders
-    if wanted == "auto":
-        node.builder = available[0] if available else ""
-    elif wanted in available:
-        node.builder = wanted
-    if not node.builder:
-        node.problem = NodeError(
-            f"{node.spec.name}: builder {wanted!r} is not usable there "
-            f"(found: {', '.join(available) or 'none'})",
-            node=node.spec.name,
-            hint="install a builder on the node, or set 'builder' to one it has",
-        )
-
-
-def _plan(platforms: tuple[Platform, ...], nodes: list[_Node]) -> list[Assignment]:
-    try:
-        return plan_build(platforms, _candidates(nodes))
+        usable = candidates(nodes)
+        if not usable:
+            problems = [node.problem for node in nodes if node.problem is not None]
+            if len(problems) == 1:
+                raise problems[0]
+            reasons = "; ".join(problem.message for problem in problems) or "every node is drained"
+            raise PlanError(f"no node is usable ({reasons})")
+        return plan_build(platforms, usable)
     except PlanError as exc:
         unusable = [node.problem.message for node in nodes if node.problem is not None]
-        if not unusable:
+        unusable += [f"{node.name} is drained" for node in nodes if node.drained]
+        if not unusable or exc.hint is None:
             raise
         raise PlanError(exc.message, hint=f"{exc.hint}. Not usable now: {'; '.join(unusable)}") from exc
-
-
-def _candidates(nodes: list[_Node]) -> list[Candidate]:
-    candidates = []
-    for node in nodes:
-        if node.facts is None or node.problem:
-            continue
-        candidates.append(
-            Candidate(
-                name=node.spec.name,
-                native=node.facts.native_platforms,
-                emulated=node.facts.emulated_platforms,
-                emulation_allowed=node.spec.emulation,
-                slots=node.spec.slots,
-            )
-        )
-    if not candidates:
-        problems = [node.problem for node in nodes if node.problem is not None]
-        if len(problems) == 1:
-            raise problems[0]
-        reasons = "; ".join(problem.message for problem in problems)
-        raise PlanError(f"no node is usable ({reasons})")
-    return candidates
 
 
 async def _pin_dockerfiles(
@@ -286,7 +219,7 @@ async def _pin_dockerfiles(
     text: str,
     options: BuildOptions,
     assignments: list[Assignment],
-    nodes: dict[str, _Node],
+    nodes: dict[str, Node],
 ) -> dict[Platform, str]:
     """Each platform's Dockerfile with its bases pinned to the digest of the right platform."""
     stages_of = {}
@@ -345,7 +278,7 @@ async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
 
 async def _build_platform(
     client: RegistryClient,
-    node: _Node,
+    node: Node,
     assignment: Assignment,
     context: Context,
     dockerfile: str,
@@ -408,7 +341,7 @@ async def _build_platform(
 
 
 async def _ensure_synced(
-    session: AgentSession, node: _Node, context: Context, report: Callable[[str], None]
+    session: AgentSession, node: Node, context: Context, report: Callable[[str], None]
 ) -> None:
     """Sync the context to a node once per build, however many of its platforms run there."""
     async with node.synced:

@@ -19,14 +19,33 @@ import click
 
 from farm.build import BuildOptions, BuildResult, run_build
 from farm.errors import BuildError, BuildFailedError, FarmError, InputError
-from farm.inventory import load_inventory
+from farm.inventory import Inventory, NodeSpec, append_node, load_inventory, remove_node
+from farm.nodes import DrainState, Node, check_nodes
 from farm.platforms import Platform, parse_platform_list, platform_from_machine
 from farm.progress import make_progress
+from farm.transport.ssh import FARM_KNOWN_HOSTS, fetch_host_key, pin_host_key
 
 __all__ = ["main"]
 
 T = TypeVar("T")
 _BUG_EXIT = 70  # EX_SOFTWARE: farm itself failed
+
+
+_INVENTORY_OPTION = click.option(
+    "--inventory",
+    type=click.Path(path_type=Path),
+    envvar="FARM_INVENTORY",
+    help="Node inventory (default: $FARM_INVENTORY, else this machine).",
+)
+_STATE_OPTION = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="FARM_STATE_DIR",
+    default=Path.home() / ".local" / "state" / "farm",
+    show_default="~/.local/state/farm",
+    help="Where farm keeps which nodes are drained ($FARM_STATE_DIR).",
+)
+_JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
 @click.group()
@@ -68,12 +87,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     help="Build-time variable KEY=VALUE, or KEY to take it from the environment.",
 )
 @click.option("--target", default="", help="Build this stage of the Dockerfile.")
-@click.option(
-    "--inventory",
-    type=click.Path(path_type=Path),
-    envvar="FARM_INVENTORY",
-    help="Node inventory (default: $FARM_INVENTORY, else this machine).",
-)
+@_INVENTORY_OPTION
+@_STATE_OPTION
 @click.option(
     "--metadata-file",
     type=click.Path(path_type=Path),
@@ -102,6 +117,7 @@ def build(
     build_args: tuple[str, ...],
     target: str,
     inventory: Path | None,
+    state_dir: Path,
     metadata_file: Path | None,
     progress: str,
     insecure: tuple[str, ...],
@@ -121,14 +137,268 @@ def build(
 
     options = _guard(ctx, parse)
     nodes = _guard(ctx, lambda: load_inventory(inventory))
+    drained = _guard(ctx, DrainState(state_dir).load)
     renderer = make_progress(progress)
     try:
-        result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer)))
+        result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer, drained)))
     finally:
         renderer.close()
     _print_summary(result)
     if metadata_file is not None:
         metadata_file.write_text(json.dumps(result.metadata(), indent=2) + "\n")
+
+
+@cli.group()
+def nodes() -> None:
+    """List, check, add, remove, drain and undrain build nodes."""
+
+
+@nodes.command("ls")
+@_INVENTORY_OPTION
+@_STATE_OPTION
+@_JSON_OPTION
+@click.pass_context
+def nodes_ls(ctx: click.Context, inventory: Path | None, state_dir: Path, as_json: bool) -> None:
+    """List the inventory's nodes as configured (no connection is made)."""
+    loaded = _guard(ctx, lambda: load_inventory(inventory))
+    drained = _guard(ctx, DrainState(state_dir).load)
+    rows: list[dict[str, object]] = [
+        {
+            "name": spec.name,
+            "address": "local" if spec.local else _address(spec),
+            "platforms": [str(p) for p in spec.platforms] if spec.platforms is not None else None,
+            "emulation": spec.emulation,
+            "slots": spec.slots,
+            "builder": spec.builder,
+            "labels": spec.labels,
+            "drained": spec.name in drained,
+        }
+        for spec in loaded.nodes
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    _table(
+        ["NODE", "ADDRESS", "PLATFORMS", "EMULATION", "SLOTS", "BUILDER", "STATE"],
+        [
+            [
+                spec.name,
+                "local" if spec.local else _address(spec),
+                ",".join(map(str, spec.platforms)) if spec.platforms is not None else "(probed)",
+                "yes" if spec.emulation else "no",
+                str(spec.slots),
+                spec.builder,
+                "drained" if spec.name in drained else "active",
+            ]
+            for spec in loaded.nodes
+        ],
+    )
+
+
+@nodes.command("check")
+@click.argument("names", nargs=-1)
+@_INVENTORY_OPTION
+@_STATE_OPTION
+@_JSON_OPTION
+@click.pass_context
+def nodes_check(
+    ctx: click.Context, names: tuple[str, ...], inventory: Path | None, state_dir: Path, as_json: bool
+) -> None:
+    """Probe every node (or NAMES) in parallel and say which can build what, and why not."""
+    loaded = _guard(ctx, lambda: load_inventory(inventory))
+    unknown = sorted(set(names) - {spec.name for spec in loaded.nodes})
+    if unknown:
+        _fail(InputError(f"no node named {', '.join(unknown)} in {loaded.source}"))
+    drained = _guard(ctx, DrainState(state_dir).load)
+    checked = _guard(ctx, lambda: _run(check_nodes(loaded, drained, names)))
+    if as_json:
+        click.echo(json.dumps([_node_report(node) for node in checked], indent=2))
+    else:
+        _table(
+            [
+                "NODE",
+                "STATUS",
+                "NATIVE",
+                "EMULATES",
+                "PYTHON",
+                "CORES",
+                "MEMORY",
+                "DISK FREE",
+                "BUILDER",
+                "AGENT",
+            ],
+            [_node_row(node) for node in checked],
+        )
+        for node in checked:
+            if node.problem is not None:
+                click.echo(node.problem.message, err=True)
+                if node.problem.hint:
+                    click.echo(f"  hint: {node.problem.hint}", err=True)
+    if any(node.problem is not None for node in checked):
+        sys.exit(1)
+
+
+@nodes.command("add")
+@click.argument("name")
+@click.option("--host", required=True, help="Address or ~/.ssh/config alias of the node.")
+@click.option("--port", type=int, help="SSH port (default 22 or as ~/.ssh/config says).")
+@click.option("--user", help="SSH user.")
+@click.option("--identity-file", type=click.Path(path_type=Path), help="SSH private key.")
+@click.option("--proxy-jump", help="Bastion, as ssh -J takes it.")
+@click.option("--slots", type=int, default=1, show_default=True, help="Concurrent builds on the node.")
+@click.option("--no-emulation", is_flag=True, help="Never build foreign platforms on it under QEMU.")
+@click.option("--workdir", help="Where the agent keeps its cache and builds on the node.")
+@click.option(
+    "--inventory",
+    type=click.Path(path_type=Path),
+    envvar="FARM_INVENTORY",
+    required=True,
+    help="The inventory file to add the node to ($FARM_INVENTORY).",
+)
+@click.option(
+    "--known-hosts",
+    type=click.Path(path_type=Path),
+    default=FARM_KNOWN_HOSTS,
+    show_default="~/.config/farm/known_hosts",
+    help="Where to pin the node's host key.",
+)
+@click.pass_context
+def nodes_add(
+    ctx: click.Context,
+    name: str,
+    host: str,
+    port: int | None,
+    user: str | None,
+    identity_file: Path | None,
+    proxy_jump: str | None,
+    slots: int,
+    no_emulation: bool,
+    workdir: str | None,
+    inventory: Path,
+    known_hosts: Path,
+) -> None:
+    """Pin a new node's host key, check the node, and add it to the inventory."""
+    given = {
+        "port": port,
+        "user": user,
+        "identity_file": str(identity_file) if identity_file else None,
+        "proxy_jump": proxy_jump,
+        "known_hosts": str(known_hosts) if known_hosts != FARM_KNOWN_HOSTS else None,
+        "slots": slots,
+        "emulation": False if no_emulation else None,
+        "workdir": workdir,
+    }
+    entry: dict[str, object] = {"name": name, "host": host}
+    entry.update({key: value for key, value in given.items() if value is not None})
+    spec = _guard(ctx, lambda: NodeSpec.model_validate(entry))
+    host_key = _guard(ctx, lambda: _run(fetch_host_key(spec)))
+    click.echo(f"{spec.host} presents {host_key.key.get_algorithm()} key {host_key.fingerprint}")
+    if _guard(ctx, lambda: pin_host_key(host_key, known_hosts)):
+        click.echo(f"pinned it in {known_hosts}")
+    single = Inventory(nodes=(spec,), source=str(inventory))
+    checked = _guard(ctx, lambda: _run(check_nodes(single, frozenset(), ())))[0]
+    if checked.problem is not None:
+        _fail(checked.problem)
+    _guard(ctx, lambda: append_node(inventory, entry))
+    assert checked.facts is not None
+    click.echo(
+        f"added {name} to {inventory}: {checked.facts.native_platform} natively, "
+        f"{checked.facts.cores} cores, builder {checked.builder}"
+    )
+
+
+@nodes.command("rm")
+@click.argument("name")
+@click.option("--inventory", type=click.Path(path_type=Path), envvar="FARM_INVENTORY", required=True)
+@click.pass_context
+def nodes_rm(ctx: click.Context, name: str, inventory: Path) -> None:
+    """Remove a node from the inventory file."""
+    _guard(ctx, lambda: remove_node(inventory, name))
+    click.echo(f"removed {name} from {inventory}")
+
+
+@nodes.command("drain")
+@click.argument("name")
+@_INVENTORY_OPTION
+@_STATE_OPTION
+@click.pass_context
+def nodes_drain(ctx: click.Context, name: str, inventory: Path | None, state_dir: Path) -> None:
+    """Give a node no new builds (what runs on it finishes)."""
+    _set_drained(ctx, name, inventory, state_dir, drained=True)
+
+
+@nodes.command("undrain")
+@click.argument("name")
+@_INVENTORY_OPTION
+@_STATE_OPTION
+@click.pass_context
+def nodes_undrain(ctx: click.Context, name: str, inventory: Path | None, state_dir: Path) -> None:
+    """Let a drained node take builds again."""
+    _set_drained(ctx, name, inventory, state_dir, drained=False)
+
+
+def _set_drained(
+    ctx: click.Context, name: str, inventory: Path | None, state_dir: Path, drained: bool
+) -> None:
+    loaded = _guard(ctx, lambda: load_inventory(inventory))
+    if all(spec.name != name for spec in loaded.nodes):
+        _fail(InputError(f"no node named {name!r} in {loaded.source}", hint="see 'farm nodes ls'"))
+    changed = _guard(ctx, lambda: DrainState(state_dir).set(name, drained))
+    state = "drained" if drained else "active"
+    click.echo(f"{name} is {state}" + ("" if changed else " (it already was)"))
+
+
+def _address(spec: NodeSpec) -> str:
+    user = f"{spec.user}@" if spec.user else ""
+    port = f":{spec.port}" if spec.port else ""
+    return f"{user}{spec.host}{port}"
+
+
+def _node_report(node: Node) -> dict[str, object]:
+    facts = node.facts
+    return {
+        "name": node.name,
+        "usable": node.usable,
+        "drained": node.drained,
+        "problem": node.problem.message if node.problem else None,
+        "hint": node.problem.hint if node.problem else None,
+        "builder": node.builder or None,
+        "native": sorted(str(p) for p in facts.native_platforms) if facts and not node.problem else None,
+        "emulated": sorted(str(p) for p in facts.emulated_platforms) if facts and not node.problem else None,
+        "facts": facts.model_dump() if facts else None,
+    }
+
+
+def _node_row(node: Node) -> list[str]:
+    facts = node.facts
+    status = "ok" if node.usable else ("drained" if node.drained and not node.problem else "NOT USABLE")
+    if facts is None:
+        return [node.name, status, "-", "-", "-", "-", "-", "-", "-", "-"]
+    try:
+        native = ",".join(sorted(str(p) for p in facts.native_platforms))
+        emulated = ",".join(sorted(str(p).removeprefix("linux/") for p in facts.emulated_platforms))
+    except FarmError:
+        native = emulated = f"? ({facts.machine})"
+    return [
+        node.name,
+        status,
+        native,
+        emulated or "-",
+        facts.python,
+        str(facts.cores),
+        f"{facts.memory_bytes / 2**30:.1f} GiB",
+        f"{facts.disk_free_bytes / 2**30:.1f} GiB",
+        node.builder or "-",
+        facts.agent_version,
+    ]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        click.echo(
+            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def _run(work: Coroutine[object, object, T]) -> T:

@@ -54,9 +54,13 @@ class IgnoreRules:
 
 def parse_dockerignore(text: str) -> IgnoreRules:
     patterns = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # As moby's ignorefile reader: lines end at "\n" only, a UTF-8 BOM is dropped, and only a "#"
+    # in the first column starts a comment.
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        if line.startswith("#"):
+            continue
         line = line.strip()
-        if not line or line.startswith("#"):
+        if not line:
             continue
         exclusion = line.startswith("!")
         if exclusion:
@@ -84,6 +88,9 @@ def _literal_prefix(pattern: str) -> str:
     return pattern
 
 
+_WILDCARDS = frozenset("*?[]\\")
+
+
 def _translate(pattern: str) -> str:
     """A pattern as an anchored regular expression, following patternmatcher's translation."""
     out = []
@@ -98,8 +105,13 @@ def _translate(pattern: str) -> str:
                     # "**/" matches zero or more whole folders.
                     index += 1
                     out.append("(?:.*/)?")
-                else:
+                elif index + 1 == length or (index == 1 and not _WILDCARDS.intersection(pattern[2:])):
+                    # A trailing "**", or a leading one before plain text (patternmatcher's prefix
+                    # and suffix matches), is any text at all.
                     out.append(".*")
+                else:
+                    # Anywhere else patternmatcher turns "**" into zero or more whole folders too.
+                    out.append("(?:.*/)?")
             else:
                 out.append("[^/]*")
         elif char == "?":
@@ -113,9 +125,8 @@ def _translate(pattern: str) -> str:
             end = pattern.find("]", index + 1)
             if end < 0:
                 raise ValueError("unterminated character class")
+            # Passed to the regular expression as written: "^" negates, "!" does not (Go's regexp).
             body = pattern[index + 1 : end]
-            if body.startswith("!") or body.startswith("^"):
-                body = "^" + body[1:]
             out.append(f"[{body}]")
             index = end
         else:

@@ -27,7 +27,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from farm.errors import InventoryError, PlatformError
 from farm.platforms import Platform, parse_platform
 
-__all__ = ["DEFAULT_INVENTORY", "Inventory", "NodeSpec", "load_inventory", "parse_inventory"]
+__all__ = [
+    "DEFAULT_INVENTORY",
+    "Inventory",
+    "NodeSpec",
+    "append_node",
+    "load_inventory",
+    "parse_inventory",
+    "remove_node",
+]
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -167,3 +175,54 @@ def _describe(exc: ValidationError, source: str, nodes: list[Any]) -> str:
         message = str(error["msg"]).removeprefix("Value error, ")
         problems.append(f"{where}{': field ' + field if field else ''}: {message}")
     return "; ".join(problems)
+
+
+def append_node(path: Path, node: dict[str, Any]) -> None:
+    """Add a node to an inventory file, keeping the file's text (and comments) as it is."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "nodes:\n"
+    inventory = parse_inventory(text, str(path)) if text.strip() != "nodes:" else None
+    if inventory is not None and any(existing.name == node["name"] for existing in inventory.nodes):
+        raise InventoryError(f"{path}: there is already a node named {node['name']!r}")
+    block = yaml.safe_dump([node], sort_keys=False, default_flow_style=False)
+    indented = "".join(f"  {line}\n" for line in block.splitlines())
+    updated = text if text.endswith("\n") else text + "\n"
+    updated += indented
+    parse_inventory(updated, str(path))  # never write an inventory that does not load
+    _replace(path, updated)
+
+
+def remove_node(path: Path, name: str) -> None:
+    """Remove a node's block from an inventory file, keeping the rest of its text."""
+    text = path.read_text(encoding="utf-8")
+    inventory = parse_inventory(text, str(path))
+    if all(node.name != name for node in inventory.nodes):
+        raise InventoryError(f"{path}: no node named {name!r}", hint="see 'farm nodes ls'")
+    lines = text.splitlines(keepends=True)
+    start = next(
+        (
+            index
+            for index, line in enumerate(lines)
+            if re.match(rf"^\s*-\s+name:\s*['\"]?{re.escape(name)}['\"]?\s*(#.*)?$", line)
+        ),
+        None,
+    )
+    if start is None:
+        raise InventoryError(f"{path}: cannot find where node {name!r} starts; edit the file by hand")
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = start + 1
+    while end < len(lines):
+        line = lines[end]
+        stripped = line.strip()
+        if stripped and (len(line) - len(line.lstrip()) <= indent):
+            break
+        end += 1
+    updated = "".join(lines[:start] + lines[end:])
+    if len(parse_inventory(updated, str(path)).nodes) != len(inventory.nodes) - 1:
+        raise InventoryError(f"{path}: could not remove {name!r} cleanly; edit the file by hand")
+    _replace(path, updated)
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)

@@ -24,6 +24,7 @@ class NodeFacts(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     machine: str
+    agent_version: str = ""
     system: str = "linux"
     python: str
     cores: int

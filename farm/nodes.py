@@ -1,0 +1,155 @@
+"""The inventory's nodes as the coordinator works with them: reached, probed, drained.
+
+``open_nodes`` gives every node of an inventory its transport (one SSH connection pool for all);
+``probe`` asks a node's agent what the node is and decides whether it can take work. Both
+``farm build`` and ``farm nodes check`` go through here, so they can never disagree about a node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.errors import FarmError, InputError, NodeError
+from farm.inventory import Inventory, NodeSpec
+from farm.nodefacts import NodeFacts
+from farm.scheduler import Candidate
+from farm.session import open_session
+from farm.transport import LocalTransport, Transport
+from farm.transport.ssh import SshConnections, SshTransport
+
+__all__ = ["DrainState", "Node", "candidates", "check_nodes", "open_nodes", "probe"]
+
+
+@dataclass
+class Node:
+    spec: NodeSpec
+    transport: Transport
+    drained: bool = False
+    facts: NodeFacts | None = None
+    builder: str = ""
+    problem: FarmError | None = None  # why the node cannot take work now
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    synced: asyncio.Lock = field(default_factory=asyncio.Lock)
+    synced_contexts: set[str] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def usable(self) -> bool:
+        return self.facts is not None and self.problem is None and not self.drained
+
+
+@contextlib.asynccontextmanager
+async def open_nodes(
+    inventory: Inventory, drained: frozenset[str] = frozenset()
+) -> AsyncIterator[list[Node]]:
+    """The inventory's nodes with their transports; SSH connections are closed on exit."""
+    connections = SshConnections()
+    nodes = [
+        Node(
+            spec,
+            LocalTransport() if spec.local else SshTransport(spec, connections),
+            drained=spec.name in drained,
+            slots=asyncio.Semaphore(spec.slots),
+        )
+        for spec in inventory.nodes
+    ]
+    try:
+        yield nodes
+    finally:
+        await connections.close()
+
+
+async def probe(node: Node) -> None:
+    """Learn what the node is; a node that cannot be probed keeps the reason in ``problem``."""
+    try:
+        async with open_session(node.name, node.transport, node.spec.agent_workdir()) as session:
+            node.facts = await session.facts()
+    except FarmError as exc:
+        node.problem = exc
+        return
+    facts = node.facts
+    try:
+        native = facts.native_platform
+    except FarmError as exc:
+        node.problem = NodeError(f"{node.name}: {exc.message}", node=node.name)
+        return
+    if node.spec.platforms is not None and native not in node.spec.platforms:
+        node.problem = NodeError(
+            f"{node.name}: the inventory says it builds {', '.join(map(str, node.spec.platforms))} "
+            f"natively, but the node is {native}",
+            node=node.name,
+            hint="fix 'platforms' for this node, or drop it to use what the node reports",
+        )
+        return
+    wanted = node.spec.builder
+    available = facts.builders
+    if wanted == "auto":
+        node.builder = available[0] if available else ""
+    elif wanted in available:
+        node.builder = wanted
+    if not node.builder:
+        node.problem = NodeError(
+            f"{node.name}: builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})",
+            node=node.name,
+            hint="install buildah, podman or docker on the node, or set 'builder' to one it has",
+        )
+
+
+def candidates(nodes: list[Node]) -> list[Candidate]:
+    """The nodes that can take work, as the scheduler sees them."""
+    return [
+        Candidate(
+            name=node.name,
+            native=node.facts.native_platforms,
+            emulated=node.facts.emulated_platforms,
+            emulation_allowed=node.spec.emulation,
+            slots=node.spec.slots,
+        )
+        for node in nodes
+        if node.usable and node.facts is not None
+    ]
+
+
+class DrainState:
+    """Which nodes are drained (take no new work), kept in farm's state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "drained.json"
+
+    def load(self) -> frozenset[str]:
+        try:
+            names = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return frozenset()
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {self.path}: {exc}", hint="fix or remove the file") from exc
+        return frozenset(str(name) for name in names)
+
+    def set(self, name: str, drained: bool) -> bool:
+        """Drain or undrain ``name``; True if that changed anything."""
+        current = set(self.load())
+        if (name in current) == drained:
+            return False
+        current.symmetric_difference_update({name})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(f".{os.getpid()}")
+        partial.write_text(json.dumps(sorted(current)) + "\n")
+        partial.replace(self.path)
+        return True
+
+
+async def check_nodes(inventory: Inventory, drained: frozenset[str], names: tuple[str, ...]) -> list[Node]:
+    """Probe the inventory's nodes (or only ``names``) in parallel."""
+    async with open_nodes(inventory, drained) as nodes:
+        chosen = [node for node in nodes if not names or node.name in names]
+        await asyncio.gather(*(probe(node) for node in chosen))
+        return chosen
