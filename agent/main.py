@@ -31,7 +31,7 @@ from agent.protocol import (
     entries_from_json,
     read_message,
 )
-from agent.store import ContentStore, UnsafeEntryError, check_entries
+from agent.store import DEFAULT_LIMIT, ContentStore, UnsafeEntryError, check_entries
 from agent.upload import PushError, push_layout
 
 __all__ = ["main"]
@@ -135,7 +135,9 @@ class Agent:
             except UnsafeEntryError as exc:
                 raise ProtocolError(str(exc)) from exc
         self.store.save_context(digest, entries)
-        self.out.send("synced", context=digest, received=len(needed))
+        limit = message.get("store_limit")
+        freed = self.store.evict(int(limit) if limit else DEFAULT_LIMIT, keep=(e[3] for e in entries if e[3]))
+        self.out.send("synced", context=digest, received=len(needed), evicted_bytes=freed)
 
     def _build(self, request: Message, runner: Runner) -> None:
         build_id = str(request.get("build_id", ""))

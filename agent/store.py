@@ -21,6 +21,7 @@ from agent.protocol import Entry, entries_from_json
 __all__ = ["ContentStore", "UnsafeEntryError", "check_entries"]
 
 _CHUNK = 1024 * 1024
+DEFAULT_LIMIT = 4 * 1024**3
 
 
 class UnsafeEntryError(ValueError):
@@ -44,16 +45,47 @@ class ContentStore:
         return os.path.join(self._blobs, encoded)
 
     def missing(self, digests: Iterable[str]) -> list[str]:
-        """The digests the store lacks, each once, in the order first asked."""
+        """The digests the store lacks, each once, in the order first asked; the others are
+        marked as just used, so eviction keeps them."""
         seen: set[str] = set()
         lacking: list[str] = []
         for digest in digests:
             if digest in seen:
                 continue
             seen.add(digest)
-            if not os.path.exists(self.blob_path(digest)):
+            path = self.blob_path(digest)
+            try:
+                os.utime(path)
+            except FileNotFoundError:
                 lacking.append(digest)
         return lacking
+
+    def evict(self, limit: int, keep: Iterable[str] = ()) -> int:
+        """Delete least recently used blobs until the store holds at most ``limit`` bytes.
+
+        Blobs in ``keep`` (the context in use) stay whatever their age; returns bytes freed.
+        """
+        kept = {self.blob_path(digest) for digest in keep}
+        blobs = []
+        total = 0
+        with os.scandir(self._blobs) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                info = entry.stat()
+                total += info.st_size
+                if entry.path not in kept:
+                    blobs.append((info.st_mtime_ns, info.st_size, entry.path))
+        freed = 0
+        for _, size, path in sorted(blobs):
+            if total - freed <= limit:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            freed += size
+        return freed
 
     def receive(self, digest: str, size: int, stream: IO[bytes]) -> None:
         """Copy ``size`` bytes from ``stream`` into the store, refusing them if the hash differs."""
@@ -92,8 +124,11 @@ class ContentStore:
             return entries_from_json(json.load(source))
 
     def has_context(self, context_digest: str) -> bool:
+        """The manifest is here and none of its blobs has been evicted."""
         path = os.path.join(self._contexts, context_digest.replace(":", "-") + ".json")
-        return os.path.exists(path)
+        if not os.path.exists(path):
+            return False
+        return not self.missing(entry[3] for entry in self.load_context(context_digest) if entry[3])
 
     def lay_out(self, entries: list[Entry], destination: str) -> None:
         """Materialise a checked context manifest in ``destination`` (which must be empty)."""

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import mediatypes
-from farm.context import Context, scan_context
+from farm.context import Context, StatCache, scan_context
 from farm.dockerfile import BaseImage, parse_stages, pin_bases
 from farm.errors import (
     BuildFailedError,
@@ -118,7 +118,7 @@ async def run_build(
     drained: frozenset[str] = frozenset(),
 ) -> BuildResult:
     tags = _parse_tags(options.tags)
-    context = await asyncio.to_thread(scan_context, options.context)
+    context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
     dockerfile_text = _read_dockerfile(options)
     async with open_nodes(inventory, drained) as nodes:
         return await _build(options, tags, context, dockerfile_text, nodes, on_event)

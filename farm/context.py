@@ -8,6 +8,7 @@ so a node that has every blob and the manifest has the context.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from agent.protocol import Entry, context_digest
 from farm.dockerignore import IgnoreRules, parse_dockerignore
 from farm.errors import ContextError
 
-__all__ = ["Context", "scan_context"]
+__all__ = ["Context", "StatCache", "scan_context"]
 
 _CHUNK = 1024 * 1024
 
@@ -41,8 +42,62 @@ class Context:
         return data
 
 
-def scan_context(root: Path) -> Context:
-    """Walk ``root``, apply its ``.dockerignore``, hash every file kept."""
+class StatCache:
+    """Digests of files already hashed, trusted while size, mtime, ctime and inode are unchanged.
+
+    Kept per context folder under ``~/.cache/farm/stat``, so an unchanged context of thousands of
+    files is scanned without reading a byte of them.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path  # None: remember nothing beyond this scan
+        self._entries: dict[str, list[object]] = {}
+        self._seen: set[str] = set()
+        self._dirty = False
+        if path is None:
+            return
+        try:
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                self._entries = loaded
+        except (OSError, ValueError):
+            pass  # a missing or damaged cache only costs a rehash
+
+    @classmethod
+    def for_context(cls, root: Path, cache_dir: Path | None = None) -> StatCache:
+        folder = cache_dir or Path.home() / ".cache" / "farm" / "stat"
+        name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+        return cls(folder / f"{name}.json")
+
+    def digest(self, path: str, info: os.stat_result) -> str:
+        key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        self._seen.add(path)
+        cached = self._entries.get(path)
+        if cached is not None and cached[:4] == key:
+            return str(cached[4])
+        digest = _hash_file(Path(path))
+        self._entries[path] = [*key, digest]
+        self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache back, forgetting files this scan did not meet."""
+        stale = set(self._entries) - self._seen
+        if self.path is None or (not self._dirty and not stale):
+            return
+        for path in stale:
+            del self._entries[path]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(self._entries))
+            partial.replace(self.path)
+        except OSError:
+            pass  # the cache is an optimisation; the build does not depend on it
+
+
+def scan_context(root: Path, cache: StatCache | None = None) -> Context:
+    """Walk ``root``, apply its ``.dockerignore``, hash every file kept (or trust ``cache``)."""
     if not root.is_dir():
         raise ContextError(
             f"build context {root} is not a folder"
@@ -53,7 +108,9 @@ def scan_context(root: Path) -> Context:
     rules = _load_rules(root)
     entries: list[Entry] = []
     blobs: dict[str, Path] = {}
-    _walk(root, "", rules, entries, blobs)
+    cache = cache or StatCache(None)
+    _walk(root, "", rules, entries, blobs, cache)
+    cache.save()
     entries.sort()
     return Context(root=root, entries=tuple(entries), digest=context_digest(entries), blobs=blobs)
 
@@ -69,7 +126,12 @@ def _load_rules(root: Path) -> IgnoreRules:
 
 
 def _walk(
-    root: Path, relative: str, rules: IgnoreRules, entries: list[Entry], blobs: dict[str, Path]
+    root: Path,
+    relative: str,
+    rules: IgnoreRules,
+    entries: list[Entry],
+    blobs: dict[str, Path],
+    cache: StatCache,
 ) -> None:
     folder = root / relative if relative else root
     try:
@@ -91,14 +153,14 @@ def _walk(
             if not ignored:
                 entries.append((path, info.st_mode, 0, "", ""))
             if not ignored or rules.may_include_below(path):
-                _walk(root, path, rules, entries, blobs)
+                _walk(root, path, rules, entries, blobs, cache)
             continue
         if ignored:
             continue
         if stat.S_ISLNK(info.st_mode):
             entries.append((path, info.st_mode, 0, "", os.readlink(child.path)))
         elif stat.S_ISREG(info.st_mode):
-            digest = _hash_file(Path(child.path))
+            digest = cache.digest(child.path, info)
             blobs.setdefault(digest, Path(child.path))
             entries.append((path, info.st_mode, info.st_size, digest, ""))
         else:
