@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -26,6 +27,9 @@ def probe(workdir: str) -> dict[str, Any]:
     disk = shutil.disk_usage(workdir)
     return {
         "machine": platform.machine(),
+        # A 64-bit kernel may run a 32-bit userland (a Pi 4 on Raspberry Pi OS 32-bit): the
+        # interpreter's word size tells which one builds would run under.
+        "userland_bits": struct.calcsize("P") * 8,
         "system": platform.system().lower(),
         "agent_version": AGENT_VERSION,
         "python": ".".join(str(part) for part in sys.version_info[:3]),

@@ -158,15 +158,20 @@ def check_entries(entries: Iterable[Entry]) -> None:
 
     Entries below a symlink are refused too: writing them would follow the link, and a link
     checked against its spelled path could leave the context once its parent resolves elsewhere.
+    So is a second entry for one path: a file written where a link was laid out follows the link.
     """
     entries = list(entries)
     links = {entry[0] for entry in entries if stat.S_ISLNK(entry[1])}
+    seen: set[str] = set()
     for path, mode, _size, digest, link in entries:
         if not path or path.startswith("/") or "\\" in path or "\0" in path:
             raise UnsafeEntryError(f"context entry with an absolute or empty path: {path!r}")
         parts = path.split("/")
         if any(part in ("", ".", "..") for part in parts):
             raise UnsafeEntryError(f"context entry with '.', '..' or an empty part: {path!r}")
+        if path in seen:
+            raise UnsafeEntryError(f"context entry {path!r} appears twice")
+        seen.add(path)
         for end in range(1, len(parts)):
             if "/".join(parts[:end]) in links:
                 raise UnsafeEntryError(f"context entry {path!r} lies below a symlink")
@@ -175,17 +180,35 @@ def check_entries(entries: Iterable[Entry]) -> None:
             if not digest:
                 raise UnsafeEntryError(f"file without a digest: {path!r}")
         elif kind == stat.S_IFLNK:
-            if not link or link.startswith("/") or "\0" in link:
+            if not link or link.startswith("/") or "\0" in link or not _stays_inside(parts[:-1], link, links):
                 raise UnsafeEntryError(f"link {path!r} points outside the context: {link!r}")
-            depth = len(parts) - 1
-            for part in link.split("/"):
-                depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
-                if depth < 0:
-                    raise UnsafeEntryError(f"link {path!r} points outside the context: {link!r}")
         elif kind != stat.S_IFDIR:
             raise UnsafeEntryError(f"context entry {path!r} is not a file, folder or link (mode {mode:o})")
         if stat.S_IMODE(mode) & (stat.S_ISUID | stat.S_ISGID):
             raise UnsafeEntryError(f"context entry {path!r} is setuid or setgid")
+
+
+def _stays_inside(folder: list[str], link: str, links: set[str]) -> bool:
+    """Whether ``link``, followed from ``folder``, stays in the context, judged by its spelling.
+
+    The spelling is only trustworthy until it passes through another link of the context: the
+    kernel takes ".." from where that link leads, not from where it is written (with ``s -> .``,
+    ``s/..`` is the context's parent). So no ".." may follow a link; the links passed through are
+    checked in their own right.
+    """
+    here = list(folder)
+    through_link = False
+    for part in link.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if through_link or not here:
+                return False
+            here.pop()
+        else:
+            here.append(part)
+            through_link = through_link or "/".join(here) in links
+    return True
 
 
 def _is_hex(text: str) -> bool:

@@ -20,6 +20,7 @@ from farm.registry.name import Reference, parse_reference
 __all__ = ["BaseImage", "Stage", "parse_stages", "pin_bases"]
 
 _DIRECTIVE = re.compile(r"^#\s*([a-zA-Z]+)\s*=\s*(.+?)\s*$")
+_WHITESPACE = re.compile(r"[ \t\v\f\r]+")  # what separates an instruction from its arguments
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::([-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
@@ -50,7 +51,7 @@ def parse_stages(
 ) -> list[Stage]:
     """Find each stage's base, with global ARGs and BuildKit's platform ARGs expanded."""
     escape = "\\"
-    lines = dockerfile.splitlines()
+    lines = _split_lines(dockerfile.removeprefix("\ufeff"))  # BuildKit drops a UTF-8 BOM
     for line in lines:
         match = _DIRECTIVE.match(line)
         if not match:
@@ -60,7 +61,7 @@ def parse_stages(
     variables = {**target.build_args("TARGET"), **build.build_args("BUILD")}
     stages: list[Stage] = []
     for first, last, text in _instructions(lines, escape):
-        keyword, _, rest = text.strip().partition(" ")
+        keyword, _, rest = _WHITESPACE.sub(" ", text.strip(), count=1).partition(" ")
         keyword = keyword.upper()
         if keyword == "ARG" and not stages:
             for declaration in rest.split():
@@ -78,7 +79,7 @@ def parse_stages(
 
 def pin_bases(dockerfile: str, stages: list[Stage], digests: dict[BaseImage, str]) -> str:
     """The Dockerfile with each registry base replaced by its per-platform digest."""
-    lines = dockerfile.splitlines()
+    lines = _split_lines(dockerfile)
     for stage in reversed(stages):
         if stage.base is None:
             continue
@@ -90,7 +91,7 @@ def pin_bases(dockerfile: str, stages: list[Stage], digests: dict[BaseImage, str
         if stage.name:
             parts += ["AS", stage.name]
         lines[stage.line : stage.last_line + 1] = [" ".join(parts)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _parse_from(
@@ -146,12 +147,23 @@ def _instructions(lines: list[str], escape: str) -> list[tuple[int, int, str]]:
             if not continued or index + 1 >= len(lines):
                 break
             index += 1
-            # Comment lines inside a continued instruction are dropped, as docker does.
-            while index < len(lines) - 1 and lines[index].strip().startswith("#"):
+            # Comment and empty lines inside a continued instruction are dropped, as docker does.
+            while index < len(lines) - 1 and (
+                not lines[index].strip() or lines[index].strip().startswith("#")
+            ):
                 index += 1
         found.append((first, index, " ".join(part.strip() for part in parts)))
         index += 1
     return found
+
+
+def _split_lines(dockerfile: str) -> list[str]:
+    """Physical lines as BuildKit reads them: split at "\n" only (a "\r" before it is whitespace).
+
+    ``str.splitlines`` would also split at form feeds, U+2028 and the like, which are ordinary
+    characters inside a Dockerfile's instructions.
+    """
+    return dockerfile.split("\n")
 
 
 def _expand(text: str, variables: dict[str, str]) -> str:

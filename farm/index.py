@@ -58,7 +58,8 @@ class IndexDocument:
 def build_index(children: list[Descriptor], annotations: dict[str, str] | None = None) -> IndexDocument:
     """An OCI index, or a Docker manifest list when every child is a Docker v2 manifest.
 
-    Docker's list type cannot carry annotations, so annotations force an OCI index.
+    Docker's list type cannot carry annotations, so annotations (the index's or a child's) force an
+    OCI index.
     """
     if not children:
         raise VerificationError("an index needs at least one image")
@@ -70,7 +71,8 @@ def build_index(children: list[Descriptor], annotations: dict[str, str] | None =
             )
         seen[child.platform] = child.digest
     all_docker = all(child.media_type == mediatypes.DOCKER_MANIFEST for child in children)
-    media_type = mediatypes.DOCKER_MANIFEST_LIST if all_docker and not annotations else mediatypes.OCI_INDEX
+    annotated = bool(annotations) or any(child.annotations for child in children)
+    media_type = mediatypes.DOCKER_MANIFEST_LIST if all_docker and not annotated else mediatypes.OCI_INDEX
     document: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": media_type,

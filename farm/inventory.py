@@ -99,11 +99,15 @@ class NodeSpec(BaseModel):
 class Inventory(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nodes: tuple[NodeSpec, ...] = Field(min_length=1)
+    # At least one node, checked below rather than with min_length: pydantic reports a too-short
+    # tuple for every inventory whose nodes fail validation, a confusing extra error.
+    nodes: tuple[NodeSpec, ...]
     source: str = Field(default="<inline>", exclude=True)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Inventory:
+        if not self.nodes:
+            raise ValueError("an inventory needs at least one node")
         seen: set[str] = set()
         for node in self.nodes:
             if node.name in seen:

@@ -18,12 +18,20 @@ _COMPATIBLE: dict[Platform, tuple[Platform, ...]] = {
 }
 
 
+# What a 64-bit kernel with a 32-bit userland builds natively.
+_USERLAND_32: dict[Platform, Platform] = {
+    Platform("linux", "arm64"): Platform("linux", "arm", "v7"),
+    Platform("linux", "amd64"): Platform("linux", "386"),
+}
+
+
 class NodeFacts(BaseModel):
     """The agent's ``facts`` message, validated."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     machine: str
+    userland_bits: int = 64
     agent_version: str = ""
     system: str = "linux"
     python: str
@@ -37,9 +45,12 @@ class NodeFacts(BaseModel):
     @property
     def native_platform(self) -> Platform:
         try:
-            return platform_from_machine(self.machine, self.system)
+            kernel = platform_from_machine(self.machine, self.system)
         except PlatformError as exc:
             raise PlatformError(f"the node's machine type {self.machine!r} is unknown to farm") from exc
+        if self.userland_bits == 32:
+            return _USERLAND_32.get(kernel, kernel)
+        return kernel
 
     @property
     def native_platforms(self) -> frozenset[Platform]:

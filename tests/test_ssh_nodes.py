@@ -1,0 +1,270 @@
+"""Nodes over SSH, on real OpenSSH sshd nodes in network namespaces (tests/sshlab.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from farm.context import Context
+from farm.errors import InputError
+from farm.inventory import NodeSpec
+from farm.session import open_session
+from farm.transport.ssh import SshConnections, SshTransport
+from tests import lab, sshlab
+from tests.test_cancel import processes_running
+
+pytestmark = pytest.mark.lab
+
+PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/s390x"
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[sshlab.SshLab]:
+    with sshlab.ssh_lab(tmp_path, count=3) as running:
+        yield running
+
+
+@pytest.fixture
+def lab_registry(tmp_path: Path, three: sshlab.SshLab) -> Iterator[lab.Registry]:
+    """A registry the nodes reach: bound to the lab's bridge address."""
+    with sshlab.running_registry_at(tmp_path / "registry", three.host_address) as registry:
+        yield registry
+
+
+def farm_build(registry: lab.Registry, inventory: Path, context: Path, tag: str, *extra: str) -> lab.FarmRun:
+    return lab.farm(
+        "build", "-t", f"{registry.host}/{tag}", "--insecure-registry", registry.host,
+        "--inventory", str(inventory), "--progress", "plain", *extra, str(context),
+    )  # fmt: skip
+
+
+def sleeping_dockerfile(marker: str) -> str:
+    """A RUN whose shell stays alive (it has a last command) with the marker on its command line."""
+    return f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
+
+
+def small_context(root: Path, registry: lab.Registry, dockerfile: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "Dockerfile").write_text(dockerfile.replace("BASE", f"{registry.host}/library/busybox"))
+    return root
+
+
+def test_build_across_three_nodes_gives_a_verified_index(
+    tmp_path: Path, three: sshlab.SshLab, lab_registry: lab.Registry
+) -> None:
+    inventory = three.write_inventory(tmp_path / "inventory.yaml", slots=1)
+    context = small_context(
+        tmp_path / "ctx",
+        lab_registry,
+        "FROM BASE\nARG TARGETPLATFORM\nRUN echo $TARGETPLATFORM $(uname -m) > /built\nCMD cat /built\n",
+    )
+    metadata = tmp_path / "metadata.json"
+    run = farm_build(lab_registry, inventory, context, "ssh/spread:1", "--platform", PLATFORMS,
+                     "--metadata-file", str(metadata))  # fmt: skip
+    assert run.code == 0, run.stderr
+    placed = json.loads(metadata.read_text())["farm.platforms"]
+    # Three single-slot nodes, four platforms: the work is spread over every node.
+    assert {entry["node"] for entry in placed.values()} == {"node0", "node1", "node2"}
+    index = lab_registry.raw_manifest("ssh/spread:1")
+    assert [(m["platform"]["architecture"], m["digest"]) for m in index["manifests"]] == [  # type: ignore[index]
+        (arch, placed[platform]["digest"])
+        for arch, platform in zip(["amd64", "arm64", "arm", "s390x"], PLATFORMS.split(","), strict=True)
+    ]
+    # Each node kept the context in its own content store, and no build folder.
+    for node in three.nodes:
+        assert any((node.host_workdir / "cas" / "sha256").iterdir())
+        assert list((node.host_workdir / "builds").iterdir()) == []
+
+
+def test_nodes_check_reports_each_node(tmp_path: Path, three: sshlab.SshLab) -> None:
+    inventory = three.write_inventory(tmp_path / "inventory.yaml")
+    run = lab.farm("nodes", "check", "--json", "--inventory", str(inventory))
+    assert run.code == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [node["name"] for node in report] == ["node0", "node1", "node2"]
+    for node in report:
+        assert node["usable"] is True
+        assert "linux/amd64" in node["native"]
+        assert "linux/arm64" in node["emulated"]
+        assert node["facts"]["builders"][0] == "buildah"
+        assert node["facts"]["python"].startswith("3.")
+
+
+def test_a_changed_host_key_is_refused_naming_both_fingerprints(tmp_path: Path, three: sshlab.SshLab) -> None:
+    inventory = three.write_inventory(tmp_path / "inventory.yaml")
+    node = three.nodes[1]
+    node.change_host_key()
+    run = lab.farm("nodes", "check", "--inventory", str(inventory), "node1")
+    assert run.code == 1
+    assert f"the host key of {node.address} has CHANGED" in run.stderr
+    assert run.stderr.count("SHA256:") == 2
+    assert "refusing to connect" in run.stderr
+
+
+def test_nodes_add_pins_a_new_key_and_refuses_a_changed_one(tmp_path: Path, three: sshlab.SshLab) -> None:
+    node = three.nodes[0]
+    inventory = tmp_path / "inventory.yaml"
+    pinned = tmp_path / "known_hosts"
+    add = [
+        "nodes", "add", "pi", "--host", node.address, "--user", "root",
+        "--identity-file", str(three.client_key), "--workdir", node.workdir,
+        "--inventory", str(inventory), "--known-hosts", str(pinned),
+    ]  # fmt: skip
+    run = lab.farm(*add)
+    assert run.code == 0, run.stderr
+    assert f"{node.address} presents ssh-ed25519 key SHA256:" in run.stdout
+    assert pinned.read_text().strip() == node.known_hosts_line
+    assert lab.farm("nodes", "check", "--inventory", str(inventory)).code == 0
+
+    node.change_host_key()
+    again = lab.farm(*[arg if arg != "pi" else "pi2" for arg in add])
+    assert again.code == 1
+    assert "already has a different key" in again.stderr
+    assert lab.farm("nodes", "check", "--inventory", str(inventory)).code == 1
+
+
+def test_a_dead_node_is_found_when_its_link_is_cut_and_its_build_stops(
+    tmp_path: Path, three: sshlab.SshLab, lab_registry: lab.Registry
+) -> None:
+    node = three.nodes[2]
+    inventory = three.write_inventory(tmp_path / "inventory.yaml", [node])
+    marker = f"farm-cut-{uuid.uuid4().hex[:8]}"
+    context = small_context(
+        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
+    )
+    farm = subprocess.Popen(
+        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/cut:1",
+         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64", "--progress", "plain",
+         "--inventory", str(inventory), str(context)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert farm.stdout is not None
+        for line in farm.stdout:
+            if line.rstrip().endswith(f"] started-{marker}"):
+                break
+        assert processes_running(marker)
+        node.cut_link()
+        # Keepalives (every 5 s, 3 missed) tell the coordinator; the timeout only guards a hang.
+        output, _ = farm.communicate(timeout=120)
+    finally:
+        farm.kill()
+        farm.wait()
+    assert farm.returncode == 1
+    assert "lost the agent on node2" in output or "node2" in output
+    assert lab_registry.tags("ssh/cut") == []
+    # sshd notices the silent client too (ClientAliveInterval), which closes the agent's stdin:
+    # the lifeline kills the build on the node.
+    lab.wait_until(lambda: not processes_running(marker), "the cut-off node's build to be killed", 90)
+
+
+def test_cancelling_a_build_leaves_no_process_on_any_node(
+    tmp_path: Path, three: sshlab.SshLab, lab_registry: lab.Registry
+) -> None:
+    inventory = three.write_inventory(tmp_path / "inventory.yaml", slots=1)
+    marker = f"farm-ssh-cancel-{uuid.uuid4().hex[:8]}"
+    context = small_context(
+        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
+    )
+    farm = subprocess.Popen(
+        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/cancel:1",
+         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64,linux/arm64,linux/s390x",
+         "--progress", "plain", "--inventory", str(inventory), str(context)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert farm.stdout is not None
+        started = set()
+        for line in farm.stdout:
+            if line.rstrip().endswith(f"] started-{marker}"):
+                started.add(line.split("]")[0])
+                if len(started) == 3:
+                    break
+        assert len(started) == 3
+        farm.send_signal(signal.SIGTERM)
+        farm.communicate(timeout=60)
+    finally:
+        farm.kill()
+        farm.wait()
+    lab.wait_until(lambda: not processes_running(marker), "every node's build to be killed", 30)
+    for node in three.nodes:
+        lab.wait_until(
+            lambda n=node: not processes_running(n.workdir), f"the agent on {node.name} to exit", 30
+        )  # type: ignore[misc]
+        assert list((node.host_workdir / "builds").iterdir()) == []
+    assert lab_registry.tags("ssh/cancel") == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [
+        (("../escape", stat.S_IFREG | 0o644, 1, "sha256:" + "0" * 64, ""), "'..'"),
+        (("/etc/passwd", stat.S_IFREG | 0o644, 1, "sha256:" + "0" * 64, ""), "absolute"),
+        (("link", stat.S_IFLNK | 0o777, 0, "", "../../etc"), "points outside the context"),
+        (("link", stat.S_IFLNK | 0o777, 0, "", "/etc/shadow"), "points outside the context"),
+        (("dev", stat.S_IFCHR | 0o600, 0, "", ""), "not a file, folder or link"),
+    ],
+)
+def test_the_agent_refuses_hostile_context_entries(
+    three: sshlab.SshLab, entry: tuple[str, int, int, str, str], reason: str
+) -> None:
+    """A coordinator gone wrong sends entries that would escape the build folder: refused."""
+    from agent.protocol import context_digest
+
+    node = three.nodes[0]
+    spec = NodeSpec.model_validate(node.inventory_entry())
+    hostile = Context(root=Path("/nonexistent"), entries=(entry,), digest=context_digest([entry]), blobs={})
+
+    async def sync() -> None:
+        connections = SshConnections()
+        try:
+            async with open_session(node.name, SshTransport(spec, connections), node.workdir) as session:
+                await session.sync(hostile)
+        finally:
+            await connections.close()
+
+    with pytest.raises(InputError, match=reason):
+        asyncio.run(sync())
+    assert not (Path(node.workdir) / "escape").exists()
+
+
+@pytest.fixture(scope="session")
+def arm64_box() -> Path:
+    return sshlab.ensure_arm64_box()
+
+
+def test_the_arm64_box_is_probed_as_arm64_and_builds_natively(tmp_path: Path, arm64_box: Path) -> None:
+    with (
+        sshlab.ssh_lab(tmp_path, count=0, arm64=1, box=arm64_box) as box_lab,
+        sshlab.running_registry_at(tmp_path / "registry", box_lab.host_address) as registry,
+    ):
+        inventory = box_lab.write_inventory(tmp_path / "inventory.yaml")
+        check = lab.farm("nodes", "check", "--json", "--inventory", str(inventory))
+        assert check.code == 0, check.stderr
+        (report,) = json.loads(check.stdout)
+        assert report["native"] == ["linux/arm64"]
+        assert report["facts"]["machine"] == "aarch64"
+
+        # No RUN: nested emulation cannot run one; the cross-compiled-binary pattern needs none.
+        context = small_context(
+            tmp_path / "ctx", registry, "FROM BASE\nCOPY app.txt /app.txt\nCMD cat /app.txt\n"
+        )
+        (context / "app.txt").write_text("from the arm64 node\n")
+        metadata = tmp_path / "metadata.json"
+        run = farm_build(registry, inventory, context, "ssh/box:1", "--platform", "linux/arm64",
+                         "--metadata-file", str(metadata))  # fmt: skip
+        assert run.code == 0, run.stderr
+        placed = json.loads(metadata.read_text())["farm.platforms"]["linux/arm64"]
+        assert placed["node"] == box_lab.nodes[0].name
+        assert placed["mode"] == "native"
+        index = registry.raw_manifest("ssh/box:1")
+        assert [m["platform"] for m in index["manifests"]] == [{"architecture": "arm64", "os": "linux"}]  # type: ignore[index]
