@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.protocol import Entry, context_digest
+from agent.store import UnsafeEntryError, check_entries
 from farm.dockerignore import IgnoreRules, parse_dockerignore
 from farm.errors import ContextError
 
@@ -112,6 +113,13 @@ def scan_context(root: Path, cache: StatCache | None = None) -> Context:
     _walk(root, "", rules, entries, blobs, cache)
     cache.save()
     entries.sort()
+    try:
+        # The agent refuses these too; saying so before anything is sent names the file here.
+        check_entries(entries)
+    except UnsafeEntryError as exc:
+        raise ContextError(
+            f"build context {root}: {exc}", hint="nodes refuse it; exclude it in .dockerignore"
+        ) from exc
     return Context(root=root, entries=tuple(entries), digest=context_digest(entries), blobs=blobs)
 
 

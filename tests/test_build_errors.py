@@ -121,3 +121,13 @@ def test_bad_inventory_names_file_node_and_field(
     run = build(registry, inventory, context)
     assert run.code == 2
     assert f"{inventory}: node 'pi': field slots: Input should be greater than or equal to 1" in run.stderr
+
+
+def test_a_link_leaving_the_context_is_refused_before_anything_is_sent(
+    registry: lab.Registry, inventory: Path, context: Path
+) -> None:
+    (context / "passwords").symlink_to("/etc/passwd")
+    run = build(registry, inventory, context)
+    assert run.code == 2
+    assert "link 'passwords' points outside the context" in run.stderr
+    assert "exclude it in .dockerignore" in run.stderr
