@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.protocol import Entry, context_digest
@@ -22,6 +22,7 @@ from farm.errors import ContextError
 __all__ = ["Context", "StatCache", "scan_context"]
 
 _CHUNK = 1024 * 1024
+_READ_BUDGET = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,36 @@ class Context:
     entries: tuple[Entry, ...]
     digest: str
     blobs: dict[str, Path]  # sha256 digest -> one file holding it
+    _read: _ReadCache = field(default_factory=lambda: _ReadCache(), repr=False, compare=False)
 
     @property
     def size(self) -> int:
         return sum(entry[2] for entry in self.entries if entry[3])
 
     def read_blob(self, digest: str) -> bytes:
+        """A blob's bytes, read from disk and checked against its digest once per build."""
+        cached = self._read.blobs.get(digest)
+        if cached is not None:
+            return cached
         path = self.blobs[digest]
         data = path.read_bytes()
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise ContextError(f"{path} changed while the build was running")
+        self._read.keep(digest, data)
         return data
+
+
+class _ReadCache:
+    """Blobs already read and checked for one node, kept for the next ones within a budget."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self._size = 0
+
+    def keep(self, digest: str, data: bytes) -> None:
+        if self._size + len(data) <= _READ_BUDGET:
+            self.blobs[digest] = data
+            self._size += len(data)
 
 
 class StatCache:

@@ -236,3 +236,11 @@ def test_load_inventory_of_a_missing_file_hints_how_to_pass_one(tmp_path: Path) 
     assert "missing.yaml" in caught.value.message
     assert caught.value.hint
     assert "--inventory" in caught.value.hint
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "inventory").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_inventory_loads(path: Path) -> None:
+    inventory = load_inventory(path)
+    assert inventory.nodes
