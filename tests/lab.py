@@ -71,36 +71,51 @@ class Registry:
 
 
 @contextlib.contextmanager
-def running_registry(workdir: Path) -> Iterator[Registry]:
-    if not BUSYBOX_LAYOUT.exists():
+def running_registry(workdir: Path, address: str = "127.0.0.1", *, seed: bool = True) -> Iterator[Registry]:
+    """A CNCF distribution registry on a free port of ``address``, its data under ``workdir``.
+
+    With ``seed``, it holds ``library/busybox:latest`` (the multi-platform base from setup.sh).
+    """
+    if seed and not BUSYBOX_LAYOUT.exists():
         raise LabError(f"no busybox base image at {BUSYBOX_LAYOUT}; {SETUP_HINT}")
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        port = int(probe.getsockname()[1])
+    workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     config = workdir / "config.yml"
     config.write_text(
         "version: 0.1\n"
         "log: {level: warn}\n"
         f"storage: {{filesystem: {{rootdirectory: {data}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: 127.0.0.1:{port}}}\n"
+        f"http: {{addr: '{address}:{port}'}}\n"
     )
-    log = (workdir / "registry.log").open("wb")
-    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    registry = Registry(f"127.0.0.1:{port}", data)
+    log_path = workdir / "registry.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
+    registry = Registry(f"{address}:{port}", data)
     try:
-        wait_until(lambda: _answers(registry.url("/v2/")) or process.poll() is not None, "registry start")
+        wait_until(
+            lambda: _answers(registry.url("/v2/")) or process.poll() is not None,
+            f"registry start on {address}:{port}",
+        )
         if process.poll() is not None:
-            raise LabError(f"the registry exited: {(workdir / 'registry.log').read_text()[-2000:]}")
-        run(
-            [
-                "skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
-                f"oci:{BUSYBOX_LAYOUT}:latest", f"docker://{registry.host}/library/busybox:latest",
-            ]
-        )  # fmt: skip
+            raise LabError(f"the registry exited: {log_path.read_text()[-2000:]}")
+        if seed:
+            run(
+                [
+                    "skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
+                    f"oci:{BUSYBOX_LAYOUT}:latest", f"docker://{registry.host}/library/busybox:latest",
+                ]
+            )  # fmt: skip
         yield registry
     finally:
         process.terminate()
-        process.wait(10)
-        log.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 def _answers(url: str) -> bool:

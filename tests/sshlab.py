@@ -13,7 +13,7 @@ its own sshd (this machine's ``/usr/sbin/sshd``) on port 22 of its address, in i
 namespace (``hostname`` prints the node's name), with its own ed25519 host key; root logs in with
 the lab's client key. The namespaces hold only a network (and a host name): files and processes are
 this machine's. Nodes have no default route: they reach the bridge's address (``lab.host_address``,
-where a test can bind a registry, see ``running_registry_at``) and each other, nothing else.
+where a test can bind a registry, see ``tests.lab.running_registry``) and each other, nothing else.
 
 An arm64 node (``lab.add_arm64_node()``) runs the sshd of the arm64 Debian root file system that
 ``deploy/lab/arm64-box.sh`` builds (``ensure_arm64_box()`` runs it; built once, then cached), in a
@@ -59,7 +59,6 @@ __all__ = [
     "cleanup_leftovers",
     "ensure_arm64_box",
     "lab_devices",
-    "running_registry_at",
     "ssh_lab",
 ]
 
@@ -724,54 +723,6 @@ def ensure_arm64_box(box: Path | None = None, timeout: float = 3600) -> Path:
     if done.returncode != 0 or not (box / _ARM64_BOX_STAMP).exists():
         raise LabError(f"{ARM64_BOX_SCRIPT} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return box
-
-
-@contextlib.contextmanager
-def running_registry_at(workdir: Path, address: str, *, seed: bool = True) -> Iterator[lab.Registry]:
-    """A registry like ``tests.lab.running_registry``, bound to ``address`` (e.g. ``lab.host_address``).
-
-    With ``seed``, it holds ``library/busybox:latest`` (the multi-platform base from setup.sh).
-    """
-    if seed and not lab.BUSYBOX_LAYOUT.exists():
-        raise LabError(f"no busybox base image at {lab.BUSYBOX_LAYOUT}; {lab.SETUP_HINT}")
-    with socket.socket() as probe:
-        probe.bind((address, 0))
-        port = int(probe.getsockname()[1])
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = workdir / "data"
-    config = workdir / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {data}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: '{address}:{port}'}}\n"
-    )
-    log_path = workdir / "registry.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    registry = lab.Registry(f"{address}:{port}", data)
-    try:
-        lab.wait_until(
-            lambda: lab._answers(registry.url("/v2/")) or process.poll() is not None,
-            f"registry start on {address}:{port}",
-        )
-        if process.poll() is not None:
-            raise LabError(f"the registry exited: {log_path.read_text()[-2000:]}")
-        if seed:
-            lab.run(
-                [
-                    "skopeo", "copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false",
-                    f"oci:{lab.BUSYBOX_LAYOUT}:latest", f"docker://{registry.host}/library/busybox:latest",
-                ]
-            )  # fmt: skip
-        yield registry
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _main(argv: list[str]) -> int:

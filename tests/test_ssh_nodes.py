@@ -36,7 +36,7 @@ def three(tmp_path: Path) -> Iterator[sshlab.SshLab]:
 @pytest.fixture
 def lab_registry(tmp_path: Path, three: sshlab.SshLab) -> Iterator[lab.Registry]:
     """A registry the nodes reach: bound to the lab's bridge address."""
-    with sshlab.running_registry_at(tmp_path / "registry", three.host_address) as registry:
+    with lab.running_registry(tmp_path / "registry", three.host_address) as registry:
         yield registry
 
 
@@ -245,7 +245,7 @@ def arm64_box() -> Path:
 def test_the_arm64_box_is_probed_as_arm64_and_builds_natively(tmp_path: Path, arm64_box: Path) -> None:
     with (
         sshlab.ssh_lab(tmp_path, count=0, arm64=1, box=arm64_box) as box_lab,
-        sshlab.running_registry_at(tmp_path / "registry", box_lab.host_address) as registry,
+        lab.running_registry(tmp_path / "registry", box_lab.host_address) as registry,
     ):
         inventory = box_lab.write_inventory(tmp_path / "inventory.yaml")
         check = lab.farm("nodes", "check", "--json", "--inventory", str(inventory))

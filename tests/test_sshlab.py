@@ -93,7 +93,7 @@ def test_a_changed_host_key_is_refused(three: sshlab.SshLab, tmp_path: Path) -> 
 
 
 def test_a_registry_on_the_host_address_answers_nodes(three: sshlab.SshLab, tmp_path: Path) -> None:
-    with sshlab.running_registry_at(tmp_path / "registry", three.host_address) as registry:
+    with lab.running_registry(tmp_path / "registry", three.host_address) as registry:
         assert registry.host.startswith(f"{three.host_address}:")
         for node in three.nodes:
             done = node.run(["curl", "-fsS", "-w", " %{http_code}", f"http://{registry.host}/v2/"])
