@@ -7,6 +7,7 @@ group so that a cancelled build can be killed whole (buildah's and docker's chil
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -17,10 +18,19 @@ import subprocess
 import tarfile
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Callable
 
-__all__ = ["BuildSpec", "BuilderFailed", "Cancelled", "Runner", "export_image"]
+__all__ = [
+    "BuildSpec",
+    "BuilderFailed",
+    "Cancelled",
+    "Runner",
+    "export_image",
+    "storage_command",
+    "storage_driver",
+    "tidy_store",
+]
 
 LOG_TAIL = 30
 _KILL_GRACE = 5.0
@@ -147,30 +157,125 @@ def _common_build_flags(spec: BuildSpec, iidfile: str) -> list[str]:
 
 
 def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
-    storage = os.path.join(spec.workdir, "storage", spec.builder)
-    base = [
-        spec.builder,
-        "--root", os.path.join(storage, "root"),
-        "--runroot", os.path.join(storage, "run"),
-        "--storage-driver", "vfs",
-    ]  # fmt: skip
+    base = storage_command(spec.builder, spec.workdir)
     env = dict(os.environ)
     env["CONTAINERS_REGISTRIES_CONF"] = _write_registries_conf(spec)
     iidfile = os.path.join(spec.build_dir, "iid")
     build = ["bud", "--isolation", "chroot"] if spec.builder == "buildah" else ["build"]
-    runner.run(
-        base
-        + build
-        + ["--layers", "--network", "host"]
-        + _common_build_flags(spec, iidfile)
-        + [spec.context_dir],
-        env,
-    )
-    image_id = _read(iidfile)
+    # Builds share the store; tidying it takes it alone (see tidy_store).
+    with _storage_lock(spec.workdir, exclusive=False):
+        runner.run(
+            [
+                *base,
+                *build,
+                "--layers",
+                "--network",
+                "host",
+                *_common_build_flags(spec, iidfile),
+                spec.context_dir,
+            ],
+            env,
+        )
+        # The image stays in the store: its layers are the cache of the next build of this context.
+        runner.run([*base, "push", "--quiet", _read(iidfile), "oci:" + spec.layout_dir], env, quiet=True)
+
+
+def storage_command(builder: str, workdir: str) -> list[str]:
+    """``buildah``/``podman`` with the agent's own store in its workdir, never the node's."""
+    driver = storage_driver(workdir)
+    storage = os.path.join(workdir, "storage", f"{builder}-{driver}")
+    return [
+        builder,
+        "--root", os.path.join(storage, "root"),
+        "--runroot", os.path.join(storage, "run"),
+        "--storage-driver", driver,
+    ]  # fmt: skip
+
+
+def storage_driver(workdir: str) -> str:
+    """overlay where this node can mount it (root, a kernel and file system that allow it), else vfs.
+
+    vfs copies the whole root file system at every step: several times slower, but it works
+    everywhere. The answer is probed once per workdir and remembered.
+    """
+    remembered = os.path.join(workdir, "storage", "driver")
     try:
-        runner.run([*base, "push", "--quiet", image_id, "oci:" + spec.layout_dir], env, quiet=True)
+        with open(remembered) as answer:
+            return answer.read().strip()
+    except FileNotFoundError:
+        pass
+    driver = "overlay" if _overlay_mounts(os.path.join(workdir, "storage")) else "vfs"
+    os.makedirs(os.path.dirname(remembered), exist_ok=True)
+    with open(remembered + ".partial", "w") as answer:
+        answer.write(driver)
+    os.replace(remembered + ".partial", remembered)
+    return driver
+
+
+def _overlay_mounts(folder: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = os.path.join(folder, ".overlay-probe")
+    parts = {name: os.path.join(probe, name) for name in ("lower", "upper", "work", "merged")}
+    try:
+        for path in parts.values():
+            os.makedirs(path, exist_ok=True)
+        options = "lowerdir={lower},upperdir={upper},workdir={work}".format(**parts)
+        mounted = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, parts["merged"]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        if mounted.returncode != 0:
+            return False
+        subprocess.run(
+            ["umount", parts["merged"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30
+        )
+        return True
+    except (OSError, subprocess.TimeoutExpired):
+        return False
     finally:
-        runner.run([*base, "rmi", "--force", image_id], env, quiet=True)
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _storage_lock(workdir: str, exclusive: bool, wait: bool = True) -> Iterator[bool]:
+    """Builds share the store; tidying takes it alone. Yields whether the lock was taken."""
+    path = os.path.join(workdir, "storage", "lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as lock:
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock, flags)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def tidy_store(builder: str, workdir: str, runner: Runner, min_free: int) -> None:
+    """Before a build: clear what killed builds left behind, and the image cache if disk is short.
+
+    Both need the store to themselves. Leftover working containers are only cleared when no other
+    build runs (they may be its own); a full disk is worth waiting for.
+    """
+    if builder not in ("buildah", "podman"):
+        return
+    store = storage_command(builder, workdir)
+    short = shutil.disk_usage(workdir).free < min_free
+    with _storage_lock(workdir, exclusive=True, wait=short) as alone:
+        if not alone:
+            return
+        if runner.run(
+            [*store, "containers", "--quiet"] if builder == "buildah" else [*store, "ps", "-aq"], quiet=True
+        ):
+            runner.run([*store, "rm", "--all"], quiet=True)
+        if short:
+            runner.run([*store, "rmi", "--all", "--force"], quiet=True)
 
 
 def _write_registries_conf(spec: BuildSpec) -> str:

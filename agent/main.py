@@ -18,7 +18,7 @@ import traceback
 from typing import IO, Any
 
 from agent import facts
-from agent.builders import BuilderFailed, BuildSpec, Cancelled, Runner, export_image
+from agent.builders import BuilderFailed, BuildSpec, Cancelled, Runner, export_image, tidy_store
 from agent.protocol import (
     HEARTBEAT_TIMEOUT,
     MARKER,
@@ -36,6 +36,8 @@ from agent.upload import PushError, push_layout
 
 __all__ = ["main"]
 
+# Below this much free disk in the workdir, cached images are dropped before a build.
+_MIN_FREE_DISK = 2 * 1024**3
 _BUILD_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
@@ -186,6 +188,7 @@ class Agent:
             insecure_registries=[str(host) for host in request.get("insecure_registries", [])],
         )
         self.store.lay_out(entries, spec.context_dir)
+        tidy_store(spec.builder, self.workdir, runner, _MIN_FREE_DISK)
         layout = export_image(spec, runner)
         push = request["push"]
         digest, size, media_type = push_layout(

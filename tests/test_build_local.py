@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.builders import storage_command
 from tests import lab
 
 pytestmark = pytest.mark.lab
@@ -137,13 +138,9 @@ def test_a_base_pulled_for_another_platform_cannot_leak_into_the_image(
     if builder == "docker":
         lab.run(["docker", "pull", "--platform", "linux/amd64", base])
     else:
-        storage = node_workdir / "storage" / "buildah"
-        lab.run(
-            [
-                "buildah", "--root", str(storage / "root"), "--runroot", str(storage / "run"),
-                "--storage-driver", "vfs", "pull", "--tls-verify=false", "--platform", "linux/amd64", base,
-            ]
-        )  # fmt: skip
+        # Into the very store the node's agent builds with.
+        store = storage_command("buildah", str(node_workdir))
+        lab.run([*store, "pull", "--tls-verify=false", "--platform", "linux/amd64", base])
     inventory = lab.write_inventory(tmp_path / "inventory.yaml", builder=builder, workdir=str(node_workdir))
     context = write_context(tmp_path / "ctx", f"FROM {base}\nRUN uname -m > /built-on\nCMD cat /built-on\n")
     tag = f"{registry.host}/checks/no-leak:{builder}"

@@ -8,6 +8,7 @@ PUT back byte for byte: re-serialising a manifest changes its digest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -156,6 +157,51 @@ class RegistryClient:
         if stored != digest:
             raise RegistryError(f"{ref}: the registry stored {stored}, farm sent {digest}")
         return digest
+
+    async def has_blob(self, ref: Reference, digest: str) -> bool:
+        response = await self._send("HEAD", ref, f"/v2/{ref.repository}/blobs/{digest}")
+        if response.status_code in (200, 404):
+            return response.status_code == 200
+        raise _status_error(response, f"cannot look up blob {digest} in {ref.name}")
+
+    async def mount_blob(self, ref: Reference, digest: str, source: Reference) -> bool:
+        """Ask the registry to mount ``digest`` from ``source``'s repository; True if it did.
+
+        Registries may refuse (another host, no access to the source, no mount support): the
+        caller then uploads. An upload session the registry opened instead is cancelled.
+        """
+        if source.registry != ref.registry:
+            return False
+        response = await self._send(
+            "POST", ref, f"/v2/{ref.repository}/blobs/uploads/?mount={digest}&from={source.repository}"
+        )
+        if response.status_code == 201:
+            return True
+        location = response.headers.get("location")
+        if response.status_code == 202 and location:
+            with contextlib.suppress(RegistryError):
+                await self._http.delete(str(response.url.join(location)))
+        return False
+
+    async def copy_blob(self, ref: Reference, digest: str, size: int, source: Reference) -> None:
+        """Upload ``digest`` from ``source``'s repository into ``ref``'s (monolithic POST + PUT)."""
+        response = await self._send("POST", ref, f"/v2/{ref.repository}/blobs/uploads/")
+        location = response.headers.get("location")
+        if response.status_code != 202 or not location:
+            raise _status_error(response, f"cannot start uploading {digest} to {ref.name}")
+        upload = response.url.join(location)
+        upload = upload.copy_merge_params({"digest": digest})
+        async with self.stream_blob(source, digest) as chunks:
+            try:
+                put = await self._http.put(
+                    upload,
+                    content=chunks,
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                )
+            except httpx.TransportError as exc:
+                raise _unreachable(ref, exc) from exc
+        if put.status_code not in (201, 204):
+            raise _status_error(put, f"cannot upload {digest} to {ref.name}")
 
     async def _send(
         self,
