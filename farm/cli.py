@@ -21,9 +21,9 @@ from farm.build import BuildOptions, BuildResult, run_build
 from farm.errors import BuildError, BuildFailedError, FarmError, InputError
 from farm.inventory import Inventory, NodeSpec, append_node, load_inventory, remove_node
 from farm.nodes import DrainState, Node, check_nodes
+from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
 from farm.platforms import Platform, parse_platform_list, platform_from_machine
 from farm.progress import make_progress
-from farm.transport.ssh import FARM_KNOWN_HOSTS, fetch_host_key, pin_host_key
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ _STATE_OPTION = click.option(
     "--state-dir",
     type=click.Path(path_type=Path),
     envvar="FARM_STATE_DIR",
-    default=Path.home() / ".local" / "state" / "farm",
+    default=STATE_DIR,
     show_default="~/.local/state/farm",
     help="Where farm keeps which nodes are drained ($FARM_STATE_DIR).",
 )
@@ -278,6 +278,8 @@ def nodes_add(
     known_hosts: Path,
 ) -> None:
     """Pin a new node's host key, check the node, and add it to the inventory."""
+    from farm.transport.ssh import fetch_host_key, pin_host_key  # asyncssh only when needed
+
     given = {
         "port": port,
         "user": user,

@@ -18,6 +18,7 @@ from agent.protocol import Entry, context_digest
 from agent.store import UnsafeEntryError, check_entries
 from farm.dockerignore import IgnoreRules, parse_dockerignore
 from farm.errors import ContextError
+from farm.paths import CACHE_DIR
 
 __all__ = ["Context", "StatCache", "scan_context"]
 
@@ -86,7 +87,7 @@ class StatCache:
 
     @classmethod
     def for_context(cls, root: Path, cache_dir: Path | None = None) -> StatCache:
-        folder = cache_dir or Path.home() / ".cache" / "farm" / "stat"
+        folder = cache_dir or CACHE_DIR / "stat"
         name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
         return cls(folder / f"{name}.json")
 

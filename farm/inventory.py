@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.errors import InventoryError, PlatformError
+from farm.paths import CACHE_DIR
 from farm.platforms import Platform, parse_platform
 
 __all__ = [
@@ -92,7 +93,7 @@ class NodeSpec(BaseModel):
         if self.workdir:
             return self.workdir
         if self.local:
-            return str(Path.home() / ".cache" / "farm" / "nodes" / self.name)
+            return str(CACHE_DIR / "nodes" / self.name)
         return ".cache/farm-agent"
 
 

@@ -21,7 +21,6 @@ from farm.nodefacts import NodeFacts
 from farm.scheduler import Candidate
 from farm.session import open_session
 from farm.transport import LocalTransport, Transport
-from farm.transport.ssh import SshConnections, SshTransport
 
 __all__ = ["DrainState", "Node", "candidates", "check_nodes", "open_nodes", "probe"]
 
@@ -52,20 +51,28 @@ async def open_nodes(
     inventory: Inventory, drained: frozenset[str] = frozenset()
 ) -> AsyncIterator[list[Node]]:
     """The inventory's nodes with their transports; SSH connections are closed on exit."""
-    connections = SshConnections()
+    connections = None
+    if not all(spec.local for spec in inventory.nodes):
+        # Imported only when needed: asyncssh takes a quarter of a second to import.
+        from farm.transport.ssh import SshConnections, SshTransport
+
+        connections = SshConnections()
+
+    def transport(spec: NodeSpec) -> Transport:
+        if spec.local:
+            return LocalTransport()
+        assert connections is not None
+        return SshTransport(spec, connections)
+
     nodes = [
-        Node(
-            spec,
-            LocalTransport() if spec.local else SshTransport(spec, connections),
-            drained=spec.name in drained,
-            slots=asyncio.Semaphore(spec.slots),
-        )
+        Node(spec, transport(spec), drained=spec.name in drained, slots=asyncio.Semaphore(spec.slots))
         for spec in inventory.nodes
     ]
     try:
         yield nodes
     finally:
-        await connections.close()
+        if connections is not None:
+            await connections.close()
 
 
 async def probe(node: Node) -> None:

@@ -8,6 +8,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
+from farm.paths import CACHE_DIR
 from farm.transport.bundle import agent_bundle
 
 __all__ = ["LocalTransport", "SubprocessAgent"]
@@ -60,7 +61,7 @@ class LocalTransport:
     """Runs the agent with this interpreter; the zipapp is cached by hash like on any node."""
 
     def __init__(self, cache_dir: Path | None = None) -> None:
-        self._cache_dir = cache_dir or Path.home() / ".cache" / "farm" / "agent"
+        self._cache_dir = cache_dir or CACHE_DIR / "agent"
 
     async def start_agent(self, workdir: str) -> SubprocessAgent:
         bundle = agent_bundle()

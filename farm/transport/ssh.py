@@ -29,10 +29,10 @@ import asyncssh
 from agent.protocol import MARKER
 from farm.errors import NodeError
 from farm.inventory import NodeSpec
+from farm.paths import FARM_KNOWN_HOSTS, USER_KNOWN_HOSTS
 from farm.transport.bundle import agent_bundle
 
 __all__ = [
-    "FARM_KNOWN_HOSTS",
     "HostKey",
     "SshConnections",
     "SshTransport",
@@ -40,8 +40,6 @@ __all__ = [
     "pin_host_key",
 ]
 
-FARM_KNOWN_HOSTS = Path.home() / ".config" / "farm" / "known_hosts"
-_USER_KNOWN_HOSTS = Path.home() / ".ssh" / "known_hosts"
 MAX_SESSIONS = 9  # sshd's MaxSessions defaults to 10
 MAX_HANDSHAKES = 8  # below sshd's MaxStartups (10 unauthenticated connections)
 _CONNECT_ATTEMPTS = 3
@@ -240,7 +238,7 @@ def _options(spec: NodeSpec) -> dict[str, Any]:
 def _trusted_files(spec: NodeSpec, farm_known_hosts: Path) -> list[str]:
     if spec.known_hosts is not None:
         return [str(spec.known_hosts.expanduser())]
-    return [str(path) for path in (farm_known_hosts, _USER_KNOWN_HOSTS) if path.exists()]
+    return [str(path) for path in (farm_known_hosts, USER_KNOWN_HOSTS) if path.exists()]
 
 
 async def connect(spec: NodeSpec, farm_known_hosts: Path = FARM_KNOWN_HOSTS) -> asyncssh.SSHClientConnection:
