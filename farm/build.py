@@ -32,7 +32,7 @@ from farm.errors import (
     PlanError,
     RegistryError,
 )
-from farm.index import Descriptor, build_index
+from farm.index import Descriptor
 from farm.inventory import Inventory
 from farm.nodes import Node, candidates, open_nodes, probe
 from farm.platforms import Platform, normalize
@@ -41,6 +41,7 @@ from farm.registry.name import Reference, parse_reference
 from farm.registry.verify import LayerScan, verify_image
 from farm.scheduler import Assignment, Mode, plan_build
 from farm.session import AgentSession, open_session
+from farm.stitch import Source, existing_children, push_index
 
 __all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "run_build"]
 
@@ -57,6 +58,8 @@ class BuildOptions(BaseModel):
     build_args: dict[str, str] = Field(default_factory=dict)
     target: str = ""
     insecure_registries: tuple[str, ...] = ()
+    append: bool = Field(default=False, description="replace only these platforms in what the tag holds")
+    annotations: dict[str, str] = Field(default_factory=dict, description="index annotations")
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,12 @@ async def _build(
         if failures:
             raise BuildFailedError(failures)
         ordered = [results[platform] for platform in options.platforms]
-        index = build_index([Descriptor(r.media_type, r.digest, r.size, r.platform) for r in ordered])
-        # Every child is verified in the target repository before any tag moves.
-        await client.put_manifest(target.with_digest(index.digest), index.raw, index.media_type)
-        for tag in tags:
-            await client.put_manifest(tag, index.raw, index.media_type)
+        built = Source(target, tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in ordered))
+        base = await existing_children(client, target) if options.append else []
+        index = await push_index(
+            client, tags, [built], base=base, base_repository=target,
+            annotations=options.annotations or None, scans=scans,
+        )  # fmt: skip
     return BuildResult(tuple(tags), index.digest, index.media_type, index.size, tuple(ordered))
 
 
@@ -174,12 +178,6 @@ def _parse_tags(texts: tuple[str, ...]) -> list[Reference]:
     for tag in tags:
         if tag.digest:
             raise InputError(f"tag {tag} names a digest", hint="tag with NAME:TAG; farm computes the digest")
-    names = {tag.name for tag in tags}
-    if len(names) > 1:
-        raise InputError(
-            f"tags name different repositories: {', '.join(sorted(names))}",
-            hint="give tags of one repository; copy the result elsewhere afterwards",
-        )
     return tags
 
 

@@ -19,11 +19,13 @@ import click
 
 from farm.build import BuildOptions, BuildResult, run_build
 from farm.errors import BuildError, BuildFailedError, FarmError, InputError
+from farm.imagetools import create_index, inspect
 from farm.inventory import Inventory, NodeSpec, append_node, load_inventory, remove_node
 from farm.nodes import DrainState, Node, check_nodes
 from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
 from farm.platforms import Platform, parse_platform_list, platform_from_machine
 from farm.progress import make_progress
+from farm.registry.name import parse_reference
 
 __all__ = ["main"]
 
@@ -87,6 +89,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     help="Build-time variable KEY=VALUE, or KEY to take it from the environment.",
 )
 @click.option("--target", default="", help="Build this stage of the Dockerfile.")
+@click.option("--append", is_flag=True, help="Keep the tag's other platforms; replace only these.")
+@click.option("--annotation", "annotations", multiple=True, help="Index annotation KEY=VALUE (repeatable).")
 @_INVENTORY_OPTION
 @_STATE_OPTION
 @click.option(
@@ -121,6 +125,8 @@ def build(
     metadata_file: Path | None,
     progress: str,
     insecure: tuple[str, ...],
+    append: bool,
+    annotations: tuple[str, ...],
 ) -> None:
     """Build CONTEXT for every platform on the best node and push one index under each tag."""
 
@@ -133,6 +139,8 @@ def build(
             build_args=_parse_build_args(build_args),
             target=target,
             insecure_registries=insecure,
+            append=append,
+            annotations=_parse_pairs(annotations, "--annotation"),
         )
 
     options = _guard(ctx, parse)
@@ -403,6 +411,98 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         )
 
 
+@cli.group()
+def imagetools() -> None:
+    """Work with images and indexes already in a registry."""
+
+
+@imagetools.command("create")
+@click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "-t", "--tag", "tags", multiple=True, required=True, help="Where to push the index (repeatable)."
+)
+@click.option(
+    "--append",
+    is_flag=True,
+    help="Start from what the first tag holds; replace only the platforms the sources bring.",
+)
+@click.option("--annotation", "annotations", multiple=True, help="Index annotation KEY=VALUE (repeatable).")
+@click.option("--insecure-registry", "insecure", multiple=True, help="Talk plain HTTP to this HOST[:PORT].")
+@click.pass_context
+def imagetools_create(
+    ctx: click.Context,
+    sources: tuple[str, ...],
+    tags: tuple[str, ...],
+    append: bool,
+    annotations: tuple[str, ...],
+    insecure: tuple[str, ...],
+) -> None:
+    """Merge images or indexes (SOURCES) into one index; their children are verified and copied."""
+    parsed_tags = _guard(ctx, lambda: [parse_reference(tag) for tag in tags])
+    parsed_sources = _guard(ctx, lambda: [parse_reference(source) for source in sources])
+    pairs = _guard(ctx, lambda: _parse_pairs(annotations, "--annotation"))
+    index = _guard(
+        ctx,
+        lambda: _run(
+            create_index(
+                parsed_tags, parsed_sources, append=append, annotations=pairs, insecure_registries=insecure
+            )
+        ),
+    )
+    for tag in parsed_tags:
+        click.echo(f"pushed {tag}@{index.digest}")
+
+
+@imagetools.command("inspect")
+@click.argument("reference")
+@click.option("--raw", is_flag=True, help="Print the manifest's bytes as the registry stores them.")
+@_JSON_OPTION
+@click.option("--insecure-registry", "insecure", multiple=True, help="Talk plain HTTP to this HOST[:PORT].")
+@click.pass_context
+def imagetools_inspect(
+    ctx: click.Context, reference: str, raw: bool, as_json: bool, insecure: tuple[str, ...]
+) -> None:
+    """Show what REFERENCE holds: platforms, digests, sizes and attestations."""
+    ref = _guard(ctx, lambda: parse_reference(reference))
+    seen = _guard(ctx, lambda: _run(inspect(ref, insecure)))
+    if raw:
+        click.echo(seen.raw.decode())
+        return
+    children = [
+        {
+            "platform": str(child.descriptor.platform) if child.descriptor.platform else "unknown/unknown",
+            "digest": child.descriptor.digest,
+            "mediaType": child.descriptor.media_type,
+            "size": child.descriptor.size,
+            "imageSize": child.image_bytes,
+            "attestationFor": child.descriptor.subject,
+        }
+        for child in seen.children
+    ]
+    if as_json:
+        document: dict[str, object] = {
+            "name": str(ref),
+            "mediaType": seen.media_type,
+            "digest": seen.digest,
+            "manifests": children,
+        }
+        if seen.annotations:
+            document["annotations"] = seen.annotations
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(f"Name:      {ref}")
+    click.echo(f"MediaType: {seen.media_type}")
+    click.echo(f"Digest:    {seen.digest}")
+    for key, value in seen.annotations.items():
+        click.echo(f"Annotation {key}={value}")
+    if children:
+        click.echo("Manifests:")
+    for child in children:
+        size = f"{child['imageSize']:,} bytes" if child["imageSize"] is not None else ""
+        note = f"attestation for {child['attestationFor']}" if child["attestationFor"] else size
+        click.echo(f"  {child['platform']:<16} {child['digest']}  {note}")
+
+
 def _run(work: Coroutine[object, object, T]) -> T:
     """Run ``work``; SIGTERM cancels it like Ctrl-C does, so every node is told to stop."""
 
@@ -420,6 +520,16 @@ def _run(work: Coroutine[object, object, T]) -> T:
 
 def _this_platform() -> Platform:
     return platform_from_machine(os.uname().machine)
+
+
+def _parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, has_value, text = value.partition("=")
+        if not key or not has_value:
+            raise InputError(f"bad {option} {value!r}", hint="write KEY=VALUE")
+        pairs[key] = text
+    return pairs
 
 
 def _parse_build_args(values: tuple[str, ...]) -> dict[str, str]:
