@@ -137,9 +137,12 @@ class Agent:
             except UnsafeEntryError as exc:
                 raise ProtocolError(str(exc)) from exc
         self.store.save_context(digest, entries)
+        self.out.send("synced", context=digest, received=len(needed))
+        # Bookkeeping after the answer: the coordinator need not wait for it.
+        blobs = [entry[3] for entry in entries if entry[3]]
+        self.store.touch(blobs)
         limit = message.get("store_limit")
-        freed = self.store.evict(int(limit) if limit else DEFAULT_LIMIT, keep=(e[3] for e in entries if e[3]))
-        self.out.send("synced", context=digest, received=len(needed), evicted_bytes=freed)
+        self.store.evict(int(limit) if limit else DEFAULT_LIMIT, keep=blobs)
 
     def _build(self, request: Message, runner: Runner) -> None:
         build_id = str(request.get("build_id", ""))

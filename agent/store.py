@@ -7,7 +7,9 @@ not be able to write outside the build folder, plant device files or links that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -37,6 +39,7 @@ class ContentStore:
         self._contexts = os.path.join(root, "contexts")
         os.makedirs(self._blobs, exist_ok=True)
         os.makedirs(self._contexts, exist_ok=True)
+        self._partials = itertools.count()
 
     def blob_path(self, digest: str) -> str:
         algorithm, _, encoded = digest.partition(":")
@@ -45,20 +48,21 @@ class ContentStore:
         return os.path.join(self._blobs, encoded)
 
     def missing(self, digests: Iterable[str]) -> list[str]:
-        """The digests the store lacks, each once, in the order first asked; the others are
-        marked as just used, so eviction keeps them."""
+        """The digests the store lacks, each once, in the order first asked."""
         seen: set[str] = set()
         lacking: list[str] = []
         for digest in digests:
-            if digest in seen:
-                continue
-            seen.add(digest)
-            path = self.blob_path(digest)
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                lacking.append(digest)
+            if digest not in seen:
+                seen.add(digest)
+                if not os.path.exists(self.blob_path(digest)):
+                    lacking.append(digest)
         return lacking
+
+    def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs as just used, so that eviction keeps them longest."""
+        for digest in digests:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.blob_path(digest))
 
     def evict(self, limit: int, keep: Iterable[str] = ()) -> int:
         """Delete least recently used blobs until the store holds at most ``limit`` bytes.
@@ -91,23 +95,27 @@ class ContentStore:
         """Copy ``size`` bytes from ``stream`` into the store, refusing them if the hash differs."""
         target = self.blob_path(digest)
         hasher = hashlib.sha256()
-        fd, partial = tempfile.mkstemp(dir=self._blobs, prefix=".partial-")
+        partial = os.path.join(self._blobs, f".partial-{os.getpid()}-{next(self._partials)}")
+        # Few system calls per blob: contexts are often thousands of small files.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         try:
-            with os.fdopen(fd, "wb") as out:
-                remaining = size
-                while remaining:
-                    chunk = stream.read(min(_CHUNK, remaining))
-                    if not chunk:
-                        raise EOFError(f"stream ended {size - remaining} bytes into a {size}-byte blob")
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    remaining -= len(chunk)
+            remaining = size
+            while remaining:
+                chunk = stream.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise EOFError(f"stream ended {size - remaining} bytes into a {size}-byte blob")
+                hasher.update(chunk)
+                os.write(fd, chunk)
+                remaining -= len(chunk)
+            os.close(fd)
+            fd = -1
             actual = "sha256:" + hasher.hexdigest()
             if actual != digest:
                 raise UnsafeEntryError(f"blob announced as {digest} hashes to {actual}")
-            os.chmod(partial, 0o444)
             os.replace(partial, target)
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             os.unlink(partial)
             raise
 

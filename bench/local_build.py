@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -45,6 +47,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
 TARGET_RATIO = 1.0
+BUSY_WARNING = 0.15
 
 INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -60,6 +63,7 @@ class BenchError(Exception):
 class Run:
     side: str
     seconds: float
+    cpu: float  # user + system seconds of the command and every descendant it waited for
     log: Path
 
 
@@ -67,6 +71,7 @@ class Run:
 class Round:
     number: int
     order: tuple[str, str]
+    busy: float = 0.0  # highest share of CPU in use just before a side started: other work skews times
     runs: dict[str, Run] = field(default_factory=dict)
 
     @property
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
-    scratch = Path(tempfile.mkdtemp(prefix="farm-bench-", dir=args.scratch))
+    scratch = Path(tempfile.mkdtemp(prefix="farm-bench-local-", dir=args.scratch))
     logs = Path(args.log_dir).resolve() if args.log_dir else scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -103,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"baseline  {BENCH / 'baseline.sh'} -> {repos['baseline']}")
     print(f"rounds    {args.rounds}, fresh buildah storage per side per round, logs in {logs}")
     print()
-    print(f"{'round':>5}  {'first':<9}{'farm s':>9}{'baseline s':>12}{'farm/base':>11}")
+    print(
+        f"{'round':>5}  {'first':<9}{'farm s':>9}{'baseline s':>12}{'farm/base':>11}"
+        f"{'farm cpu s':>12}{'base cpu s':>12}{'busy':>6}"
+    )
 
     rounds: list[Round] = []
     try:
@@ -116,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                 _wipe(workdir)
                 workdir.mkdir(parents=True)
                 log = logs / f"r{number}-{side}.log"
+                current.busy = max(current.busy, _busy_share())
                 if side == "farm":
                     command, env = _farm_command(farm, workdir, repos["farm"], tag, platforms, context)
                 else:
                     command, env = _baseline_command(workdir, repos["baseline"], tag, platforms, context)
-                current.runs[side] = Run(side, _timed(command, env, log), log)
+                seconds, cpu = _timed(command, env, log)
+                current.runs[side] = Run(side, seconds, cpu, log)
                 if not args.keep:
                     _wipe(workdir)
             for side in order:
@@ -128,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append(current)
             print(
                 f"{number:>5}  {order[0]:<9}{current.runs['farm'].seconds:>9.2f}"
-                f"{current.runs['baseline'].seconds:>12.2f}{current.ratio:>11.3f}",
+                f"{current.runs['baseline'].seconds:>12.2f}{current.ratio:>11.3f}"
+                f"{current.runs['farm'].cpu:>12.2f}{current.runs['baseline'].cpu:>12.2f}{current.busy:>6.0%}",
                 flush=True,
             )
     except BenchError as exc:
@@ -140,15 +151,24 @@ def main(argv: list[str] | None = None) -> int:
             for child in scratch.iterdir():
                 if child != logs:
                     _wipe(child)
+            if not any(scratch.iterdir()):
+                scratch.rmdir()
 
     ratios = [r.ratio for r in rounds]
     median = statistics.median(ratios)
     farm_median = statistics.median(r.runs["farm"].seconds for r in rounds)
     base_median = statistics.median(r.runs["baseline"].seconds for r in rounds)
     print()
+    farm_cpu = statistics.median(r.runs["farm"].cpu for r in rounds)
+    base_cpu = statistics.median(r.runs["baseline"].cpu for r in rounds)
     print(f"median wall time: farm {farm_median:.2f} s, baseline {base_median:.2f} s")
-    print(f"median farm/baseline ratio: {median:.3f} (target <= {TARGET_RATIO}: "
-          f"{'met' if median <= TARGET_RATIO else 'NOT met'})")
+    print(f"median CPU time:  farm {farm_cpu:.2f} s, baseline {base_cpu:.2f} s (user + system)")
+    if max(r.busy for r in rounds) > BUSY_WARNING:
+        print("note: other work used the CPU as some runs began (busy column): expect noisy times")
+    print(
+        f"median farm/baseline ratio: {median:.3f} (target <= {TARGET_RATIO}: "
+        f"{'met' if median <= TARGET_RATIO else 'NOT met'})"
+    )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -161,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                             "first": r.order[0],
                             "farm_seconds": r.runs["farm"].seconds,
                             "baseline_seconds": r.runs["baseline"].seconds,
+                            "farm_cpu_seconds": r.runs["farm"].cpu,
+                            "baseline_cpu_seconds": r.runs["baseline"].cpu,
+                            "cpu_busy_before": r.busy,
                             "ratio": r.ratio,
                         }
                         for r in rounds
@@ -212,7 +235,9 @@ def _check_registry(registry: str) -> None:
         with urllib.request.urlopen(f"http://{registry}/v2/", timeout=5) as response:
             response.read()
     except (OSError, urllib.error.URLError) as exc:
-        raise BenchError(f"no registry answers at http://{registry}/v2/ ({exc}); run deploy/lab/setup.sh")
+        raise BenchError(
+            f"no registry answers at http://{registry}/v2/ ({exc}); run deploy/lab/setup.sh"
+        ) from exc
 
 
 def _farm_command(
@@ -249,10 +274,11 @@ def _baseline_command(
     return ["bash", str(BENCH / "baseline.sh"), repo, tag, ",".join(platforms), str(context)], env
 
 
-def _timed(command: list[str], env: dict[str, str], log: Path) -> float:
-    """Run ``command`` with its output (stdout and stderr) stamped into ``log``; its wall time."""
+def _timed(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run ``command`` with its output stamped into ``log``; its wall time and CPU time."""
     with log.open("w") as out:
         out.write("# " + " ".join(command) + "\n")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
@@ -262,12 +288,28 @@ def _timed(command: list[str], env: dict[str, str], log: Path) -> float:
         copier.start()
         code = process.wait()
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         copier.join()
-        out.write(f"# exit {code} after {seconds:.3f} s\n")
+        out.write(f"# exit {code} after {seconds:.3f} s, {cpu:.3f} s CPU\n")
     if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-20:]
         raise BenchError(f"{command[0]} exited with {code}:\n  " + "\n  ".join(tail))
-    return seconds
+    return seconds, cpu
+
+
+def _busy_share(seconds: float = 1.0) -> float:
+    """The share of all CPUs in use over ``seconds`` (nothing of the benchmark runs meanwhile)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total1, idle1 = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return 1.0 - (idle2 - idle1) / max(1, total2 - total1)
 
 
 def _stamp(stream: IO[bytes], out: IO[str], started: float) -> None:
@@ -278,9 +320,10 @@ def _stamp(stream: IO[bytes], out: IO[str], started: float) -> None:
 def _check_index(ref: str, platforms: list[str]) -> None:
     """The registry holds an index at ``ref`` with one image of each platform, and nothing else."""
     index = json.loads(_skopeo("inspect", "--raw", f"docker://{ref}"))
-    if index.get("mediaType") not in INDEX_TYPES and "manifests" not in index:
-        raise BenchError(f"{ref} is not an index ({index.get('mediaType')})")
-    children = index.get("manifests", [])
+    media_type = index.get("mediaType")
+    children = index.get("manifests")
+    if (media_type is not None and media_type not in INDEX_TYPES) or not isinstance(children, list):
+        raise BenchError(f"{ref} is not an index ({media_type})")
     declared = sorted(_platform_key(child.get("platform") or {}) for child in children)
     wanted = sorted(_platform_key(_split(p)) for p in platforms)
     if declared != wanted:
@@ -309,7 +352,7 @@ def _split(platform: str) -> dict[str, str]:
     return {"os": parts[0], "architecture": parts[1], "variant": parts[2] if len(parts) > 2 else ""}
 
 
-def _platform_key(declared: dict[str, object]) -> str:
+def _platform_key(declared: Mapping[str, object]) -> str:
     os_name = str(declared.get("os", ""))
     arch = str(declared.get("architecture", ""))
     variant = str(declared.get("variant", "") or "")
@@ -319,8 +362,15 @@ def _platform_key(declared: dict[str, object]) -> str:
 
 
 def _wipe(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
+    """Remove a storage folder, unmounting first what an overlay store may still have mounted."""
+    if not path.exists():
+        return
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    shutil.rmtree(path)
 
 
 if __name__ == "__main__":

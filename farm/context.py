@@ -7,6 +7,7 @@ so a node that has every blob and the manifest has the context.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +38,10 @@ class Context:
     @property
     def size(self) -> int:
         return sum(entry[2] for entry in self.entries if entry[3])
+
+    @functools.cached_property
+    def blob_sizes(self) -> dict[str, int]:
+        return {entry[3]: entry[2] for entry in self.entries if entry[3]}
 
     def read_blob(self, digest: str) -> bytes:
         """A blob's bytes, read from disk and checked against its digest once per build."""

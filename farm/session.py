@@ -21,6 +21,8 @@ from farm.transport import AgentProcess, Transport
 __all__ = ["AgentSession", "open_session"]
 
 _MARKER_SEARCH_LINES = 200
+_BATCH_BYTES = 4 * 1024 * 1024
+_BATCH_BLOBS = 512
 
 
 class AgentSession:
@@ -34,18 +36,32 @@ class AgentSession:
         return NodeFacts.model_validate(reply)
 
     async def sync(self, context: Context) -> tuple[int, int]:
-        """Send the context's manifest, then only the blobs the node lacks; return (blobs, bytes)."""
+        """Send the context's manifest, then only the blobs the node lacks; return (blobs, bytes).
+
+        Blobs are read and framed in batches in a worker thread, the next batch while the current
+        one is written: thousands of small files then cost a few large writes, not thousands.
+        """
         await self._send("sync", context=context.digest, entries=[list(e) for e in context.entries])
         needed = (await self._expect("need"))["digests"]
-        sent = 0
-        for digest in needed:
-            if digest not in context.blobs:
-                raise NodeError(f"agent asked for {digest}, which is not in the context", node=self.node)
-            data = await asyncio.to_thread(context.read_blob, digest)
-            await self._process.write(protocol.encode("blob", digest=digest, size=len(data)) + data)
-            sent += len(data)
+        unknown = [digest for digest in needed if digest not in context.blobs]
+        if unknown:
+            raise NodeError(f"agent asked for {unknown[0]}, which is not in the context", node=self.node)
+        batches = _batches(needed, context.blob_sizes)
+        reading = asyncio.create_task(asyncio.to_thread(_framed, context, batches[0])) if batches else None
+        for following in [*batches[1:], None]:
+            assert reading is not None
+            framed = await reading
+            reading = (
+                asyncio.create_task(asyncio.to_thread(_framed, context, following)) if following else None
+            )
+            try:
+                await self._process.write(framed)
+            except (ConnectionError, OSError) as exc:
+                if reading is not None:
+                    await asyncio.wait([reading])
+                raise self._lost(f"cannot write to the agent: {exc}") from exc
         await self._expect("synced")
-        return len(needed), sent
+        return len(needed), sum(context.blob_sizes[digest] for digest in needed)
 
     async def build(self, request: dict[str, Any], on_log: Callable[[str], None]) -> dict[str, Any]:
         """Run one build; stream its log lines to ``on_log``; return the agent's ``result``."""
@@ -127,6 +143,29 @@ class AgentSession:
         stderr = self._process.stderr_tail()
         detail = f"; its stderr ends with:\n{stderr}" if stderr else ""
         return NodeError(f"lost the agent on {self.node}: {what}{detail}", node=self.node)
+
+
+def _batches(digests: list[str], sizes: dict[str, int]) -> list[list[str]]:
+    batches: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for digest in digests:
+        current.append(digest)
+        size += sizes[digest]
+        if size >= _BATCH_BYTES or len(current) >= _BATCH_BLOBS:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _framed(context: Context, digests: list[str]) -> bytes:
+    parts = []
+    for digest in digests:
+        data = context.read_blob(digest)
+        parts += [protocol.encode("blob", digest=digest, size=len(data)), data]
+    return b"".join(parts)
 
 
 @contextlib.asynccontextmanager
