@@ -32,7 +32,7 @@ class Context:
     root: Path
     entries: tuple[Entry, ...]
     digest: str
-    blobs: dict[str, Path]  # sha256 digest -> one file holding it
+    blobs: dict[str, str]  # sha256 digest -> the path of one file holding it
     _read: _ReadCache = field(default_factory=lambda: _ReadCache(), repr=False, compare=False)
 
     @property
@@ -49,7 +49,8 @@ class Context:
         if cached is not None:
             return cached
         path = self.blobs[digest]
-        data = path.read_bytes()
+        with open(path, "rb") as source:
+            data = source.read()
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise ContextError(f"{path} changed while the build was running")
         self._read.keep(digest, data)
@@ -134,7 +135,7 @@ def scan_context(root: Path, cache: StatCache | None = None) -> Context:
         )
     rules = _load_rules(root)
     entries: list[Entry] = []
-    blobs: dict[str, Path] = {}
+    blobs: dict[str, str] = {}
     cache = cache or StatCache(None)
     _walk(root, "", rules, entries, blobs, cache)
     cache.save()
@@ -164,7 +165,7 @@ def _walk(
     relative: str,
     rules: IgnoreRules,
     entries: list[Entry],
-    blobs: dict[str, Path],
+    blobs: dict[str, str],
     cache: StatCache,
 ) -> None:
     folder = root / relative if relative else root
@@ -195,7 +196,7 @@ def _walk(
             entries.append((path, info.st_mode, 0, "", os.readlink(child.path)))
         elif stat.S_ISREG(info.st_mode):
             digest = cache.digest(child.path, info)
-            blobs.setdefault(digest, Path(child.path))
+            blobs.setdefault(digest, child.path)
             entries.append((path, info.st_mode, info.st_size, digest, ""))
         else:
             raise ContextError(

@@ -33,6 +33,8 @@ class IgnoreRules:
 
     def is_ignored(self, path: str) -> bool:
         """Whether a context-relative path (``a/b/c``) is excluded from the context."""
+        if not self.patterns:
+            return False
         parents = _parents(path)
         ignored = False
         for pattern in self.patterns:
