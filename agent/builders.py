@@ -56,6 +56,7 @@ class Runner:
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._cancelled = False
+        self.cancelled = threading.Event()  # for waits outside a command (a node slot)
         self.tail: deque[str] = deque(maxlen=LOG_TAIL)
 
     def run(self, argv: list[str], env: dict[str, str] | None = None, quiet: bool = False) -> str:
@@ -93,6 +94,7 @@ class Runner:
         """Kill the running command's whole process group: TERM, then KILL after a grace period."""
         with self._lock:
             self._cancelled = True
+            self.cancelled.set()
             process = self._process
         if process is None:
             return

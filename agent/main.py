@@ -31,6 +31,7 @@ from agent.protocol import (
     entries_from_json,
     read_message,
 )
+from agent.slots import hold_slot
 from agent.store import DEFAULT_LIMIT, ContentStore, UnsafeEntryError, check_entries
 from agent.upload import PushError, push_layout
 
@@ -38,6 +39,7 @@ __all__ = ["main"]
 
 # Below this much free disk in the workdir, cached images are dropped before a build.
 _MIN_FREE_DISK = 2 * 1024**3
+_WAITING_FOR_SLOT = "farm: every build slot of this node is taken; waiting for one"
 _BUILD_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
@@ -191,13 +193,23 @@ class Agent:
             insecure_registries=[str(host) for host in request.get("insecure_registries", [])],
         )
         self.store.lay_out(entries, spec.context_dir)
-        tidy_store(spec.builder, self.workdir, runner, _MIN_FREE_DISK)
-        layout = export_image(spec, runner)
-        push = request["push"]
-        digest, size, media_type = push_layout(
-            layout, str(push["registry_url"]), str(push["repository"]), push.get("authorization")
-        )
+        waiting = "farm: every build slot of this node is taken; waiting for one"
+        try:
+            with hold_slot(
+                self.workdir, int(request.get("slots", 1)), runner.cancelled, lambda: self._log(waiting)
+            ):
+                tidy_store(spec.builder, self.workdir, runner, _MIN_FREE_DISK)
+                layout = export_image(spec, runner)
+                push = request["push"]
+                digest, size, media_type = push_layout(
+                    layout, str(push["registry_url"]), str(push["repository"]), push.get("authorization")
+                )
+        except InterruptedError as exc:
+            raise Cancelled() from exc
         self.out.send("result", digest=digest, size=size, media_type=media_type)
+
+    def _log(self, line: str) -> None:
+        self.out.send("log", line=line)
 
     def _cancel(self) -> None:
         if self.runner is not None:

@@ -315,6 +315,7 @@ async def _build_platform(
                     "build_args": build_args,
                     "target": options.target,
                     "builder": node.builder,
+                    "slots": node.spec.slots,
                     "insecure_registries": [h for h in plain_http if client.is_plain_http(h)],
                     "push": {
                         "registry_url": client.base_url(target),
