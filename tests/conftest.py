@@ -22,9 +22,11 @@ def docker() -> None:
 
 
 @pytest.fixture(scope="session")
-def node_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def node_workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One agent workdir shared by the session's builds, as a real node keeps its cache."""
-    return tmp_path_factory.mktemp("node")
+    workdir = tmp_path_factory.mktemp("node")
+    yield workdir
+    lab.unmount_below(workdir)
 
 
 @pytest.fixture

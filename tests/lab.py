@@ -32,6 +32,15 @@ class LabError(RuntimeError):
     pass
 
 
+def unmount_below(path: Path) -> None:
+    """Unmount what overlay storage left mounted under ``path`` (a killed build's containers)."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -478,6 +478,7 @@ class SshNode:
     def _destroy(self) -> None:
         _kill_netns(self.netns)
         self.stop_sshd()
+        lab.unmount_below(self.dir)  # overlay storage of builds killed on this node
         _ip("link", "del", self.host_veth, check=False)
         _ip("netns", "del", self.netns, check=False)
 

@@ -4,52 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT4
 
 from farm import mediatypes
 from farm.errors import VerificationError
 from farm.index import MAX_INDEX_BYTES, Descriptor, IndexDocument, build_index
 from farm.platforms import KNOWN_PLATFORMS, Platform
+from tests.oci import INDEX_VALIDATOR, assert_valid_oci_index
 
 _SETTINGS = settings(database=None, deadline=None, max_examples=40)
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64")
 ARM_V7 = Platform("linux", "arm", "v7")
-
-# The image-spec's own schema files, as Debian ships them (deploy/lab/setup.sh installs the package).
-_SCHEMA_DIR = Path("/usr/share/gocode/src/github.com/opencontainers/image-spec/schema")
-_SCHEMAS: dict[str, Any] = {path.name: json.loads(path.read_text()) for path in _SCHEMA_DIR.glob("*.json")}
-
-
-def _retrieve(uri: str) -> Resource[Any]:
-    # The schemas' ids and $refs disagree on folders; image-spec's own validator maps by file name.
-    return Resource.from_contents(_SCHEMAS[posixpath.basename(urlsplit(uri).path)], DRAFT4)
-
-
-_VALIDATOR = jsonschema.Draft4Validator(
-    _SCHEMAS["image-index-schema.json"], registry=Registry(retrieve=_retrieve)
-)
-
-
-_DESCRIPTOR_VALIDATOR = _VALIDATOR.evolve(schema={"$ref": "content-descriptor.json"})
-
-
-def assert_valid_oci_index(document: dict[str, Any]) -> None:
-    _VALIDATOR.validate(document)
-    assert document["mediaType"] == mediatypes.OCI_INDEX
-    for manifest in document["manifests"]:
-        _DESCRIPTOR_VALIDATOR.validate(manifest)
 
 
 def child(platform: Platform, media_type: str = mediatypes.OCI_MANIFEST, **annotations: str) -> Descriptor:
@@ -73,7 +45,7 @@ def test_the_schema_catches_what_it_should() -> None:
         {**good, "annotations": {"a": 1}},
     ):
         with pytest.raises(jsonschema.ValidationError):
-            _VALIDATOR.validate(bad)
+            INDEX_VALIDATOR.validate(bad)
 
 
 def test_oci_children_make_an_oci_index() -> None:
