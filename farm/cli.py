@@ -466,7 +466,7 @@ def imagetools_inspect(
     ref = _guard(ctx, lambda: parse_reference(reference))
     seen = _guard(ctx, lambda: _run(inspect(ref, insecure)))
     if raw:
-        click.echo(seen.raw.decode())
+        click.echo(seen.raw, nl=False)  # the exact bytes: their sha256 is the digest
         return
     children = [
         {

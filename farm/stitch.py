@@ -82,7 +82,8 @@ async def push_index(
     scans: dict[str, LayerScan] | None = None,
 ) -> IndexDocument:
     """Stitch ``sources`` (over ``base``, for ``--append``) into one index pushed under ``tags``."""
-    incoming = [child for source in sources for child in source.children]
+    # The same manifest brought twice (a tag and its digest) is one child, as buildx treats it.
+    incoming = list({child.digest: child for source in sources for child in source.children}.values())
     children = merge_children(list(base), incoming) if base else incoming
     index = build_index(children, annotations)  # refuses duplicates and oversize before any copy
     origin = {child.digest: source.repository for source in sources for child in source.children}
