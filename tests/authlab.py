@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -115,7 +115,7 @@ def seed_busybox(
     )  # fmt: skip
 
 
-def write_docker_config(directory: Path, config: dict[str, object]) -> Path:
+def write_docker_config(directory: Path, config: Mapping[str, object]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config))
     return directory

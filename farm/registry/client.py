@@ -4,6 +4,10 @@ Plain HTTP is used for loopback registries (as docker and BuildKit do) and for h
 named with ``--insecure-registry``; everything else is HTTPS with verified certificates.
 Manifests are kept as the exact bytes the registry served, checked against their digest, and
 PUT back byte for byte: re-serialising a manifest changes its digest.
+
+Requests go through ``auth.RegistryAuth`` (credentials from docker's config and helpers, Basic
+and bearer tokens) on top of ``transport.RetryTransport`` (transient failures retried), as ggcr
+stacks them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -21,7 +26,10 @@ import httpx
 
 from farm import mediatypes
 from farm.errors import RegistryError
+from farm.registry.auth import CredentialSource, RegistryAuth, refusal_hint
+from farm.registry.credentials import DockerKeychain
 from farm.registry.name import Reference, is_loopback_host
+from farm.registry.transport import RetryPolicy, build_transport, retry_note
 
 __all__ = ["Manifest", "ManifestInfo", "RegistryClient"]
 
@@ -56,11 +64,17 @@ class RegistryClient:
         *,
         insecure_registries: Iterable[str] = (),
         transport: httpx.AsyncBaseTransport | None = None,
+        credentials: CredentialSource | None = None,
+        ca_file: str | Path | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
+        """``transport`` replaces httpx's own under the retries (tests); ``ca_file`` is a PEM
+        bundle trusted besides the system's; ``credentials`` default to docker's config."""
         self._insecure = frozenset(insecure_registries)
         self._http = httpx.AsyncClient(
             timeout=_TIMEOUT,
-            transport=transport,
+            transport=build_transport(ca_file=ca_file, retry=retry, inner=transport),
+            auth=RegistryAuth(credentials or DockerKeychain()),
             follow_redirects=True,
             headers={"User-Agent": "farm"},
         )
@@ -86,6 +100,8 @@ class RegistryClient:
     async def ping(self, ref: Reference) -> None:
         """Check that the registry answers the API at all (401 counts: it is there)."""
         response = await self._send("GET", ref, "/v2/")
+        if response.status_code == 401 and "authorization" in response.request.headers:
+            raise _status_error(response, f"{ref.registry} refused farm's credentials")
         if response.status_code not in (200, 401):
             raise _status_error(response, f"{ref.registry} does not answer the registry API")
 
@@ -230,8 +246,14 @@ async def _verified(chunks: AsyncIterator[bytes], digest: str, ref: Reference) -
 
 
 def _unreachable(ref: Reference, exc: httpx.TransportError) -> RegistryError:
+    try:
+        request = f"{exc.request.method} {exc.request.url}"
+    except RuntimeError:  # httpx raises when the error carries no request
+        request = None
     return RegistryError(
-        f"cannot reach registry {ref.registry}: {exc or type(exc).__name__}",
+        f"cannot reach registry {ref.registry}: {exc or type(exc).__name__}"
+        + (f" ({request})" if request else ""),
+        request=request,
         hint=f"check that {ref.registry} is up and reachable from this machine"
         + ("" if is_loopback_host(ref.registry) else "; for a plain-HTTP registry pass --insecure-registry"),
     )
@@ -240,9 +262,9 @@ def _unreachable(ref: Reference, exc: httpx.TransportError) -> RegistryError:
 def _status_error(response: httpx.Response, what: str) -> RegistryError:
     detail = response.text.strip()[:300] if response.request.method != "HEAD" else ""
     message = f"{what}: {response.request.method} {response.url} answered HTTP {response.status_code}"
-    hint = None
-    if response.status_code == 401:
-        hint = "the registry wants credentials; registry authentication comes with a later farm release"
+    if retry_note(response):
+        message = f"{message} ({retry_note(response)})"
+    hint = refusal_hint(response) if response.status_code in (401, 403) else None
     return RegistryError(
         f"{message}{': ' + detail if detail else ''}",
         status=response.status_code,

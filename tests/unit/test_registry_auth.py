@@ -468,6 +468,70 @@ def test_insufficient_scope_after_a_fresh_token_stands() -> None:
     )
 
 
+def test_a_fresh_token_refused_for_the_same_scopes_is_not_asked_for_again() -> None:
+    auth = make_auth()
+    first = request()
+    flow = auth.auth_flow(first)
+    next(flow)
+    flow.send(token_answer(flow.send(challenge(first))))
+    finish(flow, answer(first))
+
+    # The push token is fetched ahead of the request; the registry still says no: that stands.
+    req = request("PUT", content=b"{}")
+    flow = auth.auth_flow(req)
+    token_request = next(flow)
+    assert flow.send(token_answer(token_request, "narrow")) is req
+    refused = challenge(req, BEARER + ',scope="repository:team/app:pull,push",error="insufficient_scope"')
+    finish(flow, refused)
+    assert "(insufficient_scope)" in (refusal_hint(refused) or "")
+
+
+def test_a_fresh_token_refused_for_a_wider_scope_is_asked_for_again() -> None:
+    auth = make_auth()
+    first = request()
+    flow = auth.auth_flow(first)
+    next(flow)
+    flow.send(token_answer(flow.send(challenge(first))))
+    finish(flow, answer(first))
+
+    req = request("PUT", content=b"{}")
+    flow = auth.auth_flow(req)
+    flow.send(token_answer(next(flow), "narrow"))
+    wider = flow.send(challenge(req, BEARER + ',scope="repository:team/app:pull,push,delete"'))
+    assert scopes_asked(wider) == ["repository:team/app:pull,push,delete"]
+    assert flow.send(token_answer(wider, "wide")) is req
+    assert req.headers["authorization"] == "Bearer wide"
+    finish(flow, answer(req, 201))
+
+
+def test_basic_credentials_refused_up_front_are_not_sent_again() -> None:
+    auth = make_auth()
+    first = request()
+    flow = auth.auth_flow(first)
+    next(flow)
+    flow.send(challenge(first, 'Basic realm="r"'))
+    finish(flow, answer(first))
+
+    req = request("PUT", content=b"{}")
+    flow = auth.auth_flow(req)
+    assert basic_of(next(flow)) == ("alice", PASSWORD)
+    refused = challenge(req, 'Basic realm="r"')
+    finish(flow, refused)  # no second try with the same password
+    assert "refused the password of user 'alice'" in (refusal_hint(refused) or "")
+
+
+def test_no_credentials_for_a_known_basic_host_is_not_retried() -> None:
+    auth = make_auth(credentials=None)
+    first = request()
+    flow = auth.auth_flow(first)
+    next(flow)
+    finish(flow, challenge(first, 'Basic realm="r"'))
+    again = request()
+    flow = auth.auth_flow(again)
+    assert "authorization" not in next(flow).headers
+    finish(flow, challenge(again, 'Basic realm="r"'))
+
+
 def test_anonymous_token_when_there_are_no_credentials() -> None:
     auth = make_auth(credentials=None)
     req = request()
