@@ -11,18 +11,22 @@ which the CLI writes the summary and the metadata file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import mediatypes
 from farm.context import Context, StatCache, scan_context
+from farm.dispatch import Dispatch, initial_health, node_views
 from farm.dockerfile import BaseImage, parse_stages, pin_bases
 from farm.errors import (
     BuildFailedError,
@@ -34,16 +38,17 @@ from farm.errors import (
 )
 from farm.index import Descriptor
 from farm.inventory import Inventory
-from farm.nodes import Node, candidates, open_nodes, probe
-from farm.platforms import Platform, normalize
+from farm.nodes import Node, open_nodes, probe
+from farm.paths import CACHE_DIR
+from farm.platforms import Platform, normalize, parse_platform
 from farm.registry.client import RegistryClient
 from farm.registry.name import Reference, parse_reference
 from farm.registry.verify import LayerScan, verify_image
-from farm.scheduler import Assignment, Mode, plan_build
+from farm.scheduler import Decision, Fail, Mode, Policy, Request, affinity_key, plan
 from farm.session import AgentSession, open_session
 from farm.stitch import Source, existing_children, push_index
 
-__all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "run_build"]
+__all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "dry_run", "run_build"]
 
 
 class BuildOptions(BaseModel):
@@ -59,6 +64,9 @@ class BuildOptions(BaseModel):
     target: str = ""
     insecure_registries: tuple[str, ...] = ()
     append: bool = Field(default=False, description="replace only these platforms in what the tag holds")
+    policy: Policy = Field(default_factory=Policy, description="emulation, labels, native wait")
+    retries: int = Field(default=2, ge=0, description="other nodes a platform may try after a node fault")
+    allow_partial: bool = Field(default=False, description="push what succeeded, list what did not")
     annotations: dict[str, str] = Field(default_factory=dict, description="index annotations")
 
 
@@ -88,6 +96,7 @@ class BuildResult:
     index_media_type: str
     index_size: int
     platforms: tuple[PlatformResult, ...]
+    missing: dict[str, str] = field(default_factory=dict)  # platform -> why (with --allow-partial)
 
     def metadata(self) -> dict[str, Any]:
         """The ``--metadata-file`` document, with buildx's key names where buildx has them."""
@@ -108,6 +117,7 @@ class BuildResult:
                 }
                 for result in self.platforms
             },
+            **({"farm.missing": dict(self.missing)} if self.missing else {}),
         }
 
 
@@ -139,38 +149,73 @@ async def _build(
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
         await asyncio.gather(*(probe(node) for node in nodes))
-        by_name = {node.spec.name: node for node in nodes}
-        assignments = _plan(options.platforms, nodes)
-        dockerfiles = await _pin_dockerfiles(client, dockerfile_text, options, assignments, by_name)
-        results: dict[Platform, PlatformResult] = {}
-        failures: dict[str, FarmError] = {}
+        _require_a_usable_node(nodes)
+        if not options.allow_partial:
+            _refuse_what_cannot_be_placed(options, nodes)
+        pins = _Pins(client, dockerfile_text, options)
         scans: dict[str, LayerScan] = {}
+        history = _History.load()
 
-        async def build_one(assignment: Assignment) -> None:
-            node = by_name[assignment.node]
-            try:
-                results[assignment.platform] = await _build_platform(
-                    client, node, assignment, context, dockerfiles[assignment.platform],
-                    options, target, scans, on_event,
-                )  # fmt: skip
-                on_event(PlatformEvent(assignment.platform, node.spec.name, "done"))
-            except FarmError as exc:
-                failures[str(assignment.platform)] = exc
-                on_event(PlatformEvent(assignment.platform, node.spec.name, "failed", exc.message))
+        async def run(platform: Platform, node: Node, mode: Mode, reason: str) -> PlatformResult:
+            assert node.facts is not None
+            dockerfile = await pins.dockerfile(platform, node.facts.native_platform)
+            return await _build_platform(
+                client, node, platform, mode, context, dockerfile, options, target, scans, on_event
+            )
 
-        async with asyncio.TaskGroup() as group:
-            for assignment in assignments:
-                group.create_task(build_one(assignment))
-        if failures:
-            raise BuildFailedError(failures)
-        ordered = [results[platform] for platform in options.platforms]
-        built = Source(target, tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in ordered))
+        def report(platform: Platform, node: str, state: str, detail: str) -> None:
+            on_event(PlatformEvent(platform, node, state, detail))
+
+        dispatch = Dispatch(nodes, options.policy, history.entries, options.retries, run, report)
+        outcome = await dispatch.run(options.platforms, _affinity(context, dockerfile_text, options))
+        results = [
+            cast(PlatformResult, outcome.results[p]) for p in options.platforms if p in outcome.results
+        ]
+        for result in results:
+            history.entries[(_affinity(context, dockerfile_text, options), result.platform)] = result.node
+        history.save()
+        if outcome.failures and not (options.allow_partial and results):
+            raise BuildFailedError({str(p): error for p, error in outcome.failures.items()})
+        built = Source(target, tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in results))
         base = await existing_children(client, target) if options.append else []
         index = await push_index(
             client, tags, [built], base=base, base_repository=target,
             annotations=options.annotations or None, scans=scans,
         )  # fmt: skip
-    return BuildResult(tuple(tags), index.digest, index.media_type, index.size, tuple(ordered))
+    missing = {str(p): error.message for p, error in outcome.failures.items()}
+    return BuildResult(tuple(tags), index.digest, index.media_type, index.size, tuple(results), missing)
+
+
+def _affinity(context: Context, dockerfile: str, options: BuildOptions) -> str:
+    """What makes a node's cache warm for a build: the context, the Dockerfile, its arguments."""
+    arguments = json.dumps([sorted(options.build_args.items()), options.target])
+    return affinity_key(context.digest, hashlib.sha256(dockerfile.encode()).hexdigest(), arguments)
+
+
+class _History:
+    """Which node last built which context and platform (cache affinity), kept across builds."""
+
+    def __init__(self, path: Path, entries: dict[tuple[str, Platform], str]) -> None:
+        self.path = path
+        self.entries = entries
+
+    @classmethod
+    def load(cls, path: Path = CACHE_DIR / "history.json") -> _History:
+        entries: dict[tuple[str, Platform], str] = {}
+        try:
+            for key, platform, node in json.loads(path.read_text()):
+                entries[(str(key), parse_platform(str(platform)))] = str(node)
+        except (OSError, ValueError, TypeError, FarmError):
+            pass  # no history, or a damaged one: only the cache affinity is lost
+        return cls(path, entries)
+
+    def save(self, keep: int = 2000) -> None:
+        rows = [[key, str(platform), node] for (key, platform), node in self.entries.items()][-keep:]
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(rows))
+            partial.replace(self.path)
 
 
 def _parse_tags(texts: tuple[str, ...]) -> list[Reference]:
@@ -194,46 +239,50 @@ def _read_dockerfile(options: BuildOptions) -> str:
         raise ContextError(f"cannot read Dockerfile {path}: {exc}") from exc
 
 
-def _plan(platforms: tuple[Platform, ...], nodes: list[Node]) -> list[Assignment]:
-    try:
-        usable = candidates(nodes)
-        if not usable:
-            problems = [node.problem for node in nodes if node.problem is not None]
-            if len(problems) == 1:
-                raise problems[0]
-            reasons = "; ".join(problem.message for problem in problems) or "every node is drained"
-            raise PlanError(f"no node is usable ({reasons})")
-        return plan_build(platforms, usable)
-    except PlanError as exc:
-        unusable = [node.problem.message for node in nodes if node.problem is not None]
-        unusable += [f"{node.name} is drained" for node in nodes if node.drained]
-        if not unusable or exc.hint is None:
-            raise
-        raise PlanError(exc.message, hint=f"{exc.hint}. Not usable now: {'; '.join(unusable)}") from exc
+def _require_a_usable_node(nodes: list[Node]) -> None:
+    """Say why no node can work, before the scheduler only sees an empty farm."""
+    if any(node.usable for node in nodes):
+        return
+    problems = [node.problem for node in nodes if node.problem is not None]
+    if len(problems) == 1:
+        raise problems[0]
+    reasons = "; ".join(problem.message for problem in problems) or "every node is drained"
+    raise PlanError(f"no node is usable ({reasons})", hint="see 'farm nodes check'")
 
 
-async def _pin_dockerfiles(
-    client: RegistryClient,
-    text: str,
-    options: BuildOptions,
-    assignments: list[Assignment],
-    nodes: dict[str, Node],
-) -> dict[Platform, str]:
-    """Each platform's Dockerfile with its bases pinned to the digest of the right platform."""
-    stages_of = {}
-    for assignment in assignments:
-        facts = nodes[assignment.node].facts
-        assert facts is not None
-        stages_of[assignment.platform] = parse_stages(
-            text,
-            target=assignment.platform,
-            build=facts.native_platform,
-            build_args=options.build_args,
+def _refuse_what_cannot_be_placed(options: BuildOptions, nodes: list[Node]) -> None:
+    """Before building anything: a platform no node could ever take fails the build now."""
+    now = time.monotonic()
+    health = {node.name: initial_health(node, now) for node in nodes}
+    requests = [Request(platform, waiting_since=now) for platform in options.platforms]
+    decisions = plan(requests, node_views(nodes, health, {}), options.policy, {}, now)
+    failing = [decision for decision in decisions if isinstance(decision, Fail)]
+    if len(failing) == 1:
+        raise failing[0].error()
+    if failing:
+        raise PlanError(
+            f"no node can build {', '.join(str(decision.platform) for decision in failing)}",
+            hint="; ".join(decision.message for decision in failing),
         )
-    bases = {stage.base for stages in stages_of.values() for stage in stages if stage.base}
-    resolved = await asyncio.gather(*(_resolve_base(client, base) for base in bases))
-    digests = dict(zip(bases, resolved, strict=True))
-    return {platform: pin_bases(text, stages, digests) for platform, stages in stages_of.items()}
+
+
+class _Pins:
+    """Each platform's Dockerfile with its bases pinned, resolved once per base and platform."""
+
+    def __init__(self, client: RegistryClient, text: str, options: BuildOptions) -> None:
+        self._client = client
+        self._text = text
+        self._options = options
+        self._digests: dict[BaseImage, asyncio.Task[str]] = {}
+
+    async def dockerfile(self, target: Platform, build: Platform) -> str:
+        stages = parse_stages(self._text, target=target, build=build, build_args=self._options.build_args)
+        bases = [stage.base for stage in stages if stage.base is not None]
+        for base in bases:
+            if base not in self._digests:
+                self._digests[base] = asyncio.ensure_future(_resolve_base(self._client, base))
+        digests = {base: await self._digests[base] for base in bases}
+        return pin_bases(self._text, stages, digests)
 
 
 async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
@@ -277,7 +326,8 @@ async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
 async def _build_platform(
     client: RegistryClient,
     node: Node,
-    assignment: Assignment,
+    platform: Platform,
+    mode: Mode,
     context: Context,
     dockerfile: str,
     options: BuildOptions,
@@ -285,53 +335,51 @@ async def _build_platform(
     scans: dict[str, LayerScan],
     on_event: EventSink,
 ) -> PlatformResult:
-    platform, name = assignment.platform, node.spec.name
+    name = node.spec.name
     assert node.facts is not None
-    on_event(PlatformEvent(platform, name, "queued", assignment.reason))
-    async with node.slots:
-        started = time.monotonic()
-        async with open_session(name, node.transport, node.spec.agent_workdir()) as session:
-            await _ensure_synced(
-                session,
-                node,
-                context,
-                lambda d: on_event(PlatformEvent(platform, name, "syncing", d)),
-            )
-            on_event(PlatformEvent(platform, name, "building", assignment.mode))
-            build_args = {
-                **options.build_args,
-                **platform.build_args("TARGET"),
-                **node.facts.native_platform.build_args("BUILD"),
-            }
-            plain_http = sorted(
-                {target.registry, *options.insecure_registries} | _plain_http_bases(client, dockerfile)
-            )
-            reply = await session.build(
-                {
-                    "build_id": uuid.uuid4().hex,
-                    "context": context.digest,
-                    "platform": str(platform),
-                    "dockerfile": dockerfile,
-                    "build_args": build_args,
-                    "target": options.target,
-                    "builder": node.builder,
-                    "slots": node.spec.slots,
-                    "insecure_registries": [h for h in plain_http if client.is_plain_http(h)],
-                    "push": {
-                        "registry_url": client.base_url(target),
-                        "repository": target.repository,
-                        "authorization": None,
-                    },
+    started = time.monotonic()
+    async with open_session(name, node.transport, node.spec.agent_workdir()) as session:
+        await _ensure_synced(
+            session,
+            node,
+            context,
+            lambda d: on_event(PlatformEvent(platform, name, "syncing", d)),
+        )
+        on_event(PlatformEvent(platform, name, "building", mode))
+        build_args = {
+            **options.build_args,
+            **platform.build_args("TARGET"),
+            **node.facts.native_platform.build_args("BUILD"),
+        }
+        plain_http = sorted(
+            {target.registry, *options.insecure_registries} | _plain_http_bases(client, dockerfile)
+        )
+        reply = await session.build(
+            {
+                "build_id": uuid.uuid4().hex,
+                "context": context.digest,
+                "platform": str(platform),
+                "dockerfile": dockerfile,
+                "build_args": build_args,
+                "target": options.target,
+                "builder": node.builder,
+                "slots": node.spec.slots,
+                "insecure_registries": [h for h in plain_http if client.is_plain_http(h)],
+                "push": {
+                    "registry_url": client.base_url(target),
+                    "repository": target.repository,
+                    "authorization": None,
                 },
-                lambda line: on_event(PlatformEvent(platform, name, "log", line)),
-            )
-        seconds = time.monotonic() - started
+            },
+            lambda line: on_event(PlatformEvent(platform, name, "log", line)),
+        )
+    seconds = time.monotonic() - started
     on_event(PlatformEvent(platform, name, "verifying", str(reply["digest"])))
     descriptor = await verify_image(client, target, str(reply["digest"]), platform, scans)
     return PlatformResult(
         platform=platform,
         node=name,
-        mode=assignment.mode,
+        mode=mode,
         digest=descriptor.digest,
         size=descriptor.size,
         media_type=descriptor.media_type,
@@ -364,3 +412,15 @@ def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:
                 except FarmError:
                     continue
     return {host for host in hosts if client.is_plain_http(host)}
+
+
+async def dry_run(options: BuildOptions, inventory: Inventory, drained: frozenset[str]) -> list[Decision]:
+    """What ``farm build`` would do now, and why, for every platform; nothing is built."""
+    async with open_nodes(inventory, drained) as nodes:
+        await asyncio.gather(*(probe(node) for node in nodes))
+        _require_a_usable_node(nodes)
+        now = time.monotonic()
+        health = {node.name: initial_health(node, now) for node in nodes}
+        views = node_views(nodes, health, {})
+        requests = [Request(platform, waiting_since=now) for platform in options.platforms]
+        return plan(requests, views, options.policy, _History.load().entries, now)

@@ -18,6 +18,7 @@ from typing import NoReturn, TypeVar
 import click
 
 from farm.build import BuildOptions, BuildResult, run_build
+from farm.build import dry_run as plan_build
 from farm.errors import BuildError, BuildFailedError, FarmError, InputError
 from farm.imagetools import create_index, inspect
 from farm.inventory import Inventory, NodeSpec, append_node, load_inventory, remove_node
@@ -26,11 +27,13 @@ from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
 from farm.platforms import Platform, parse_platform_list, platform_from_machine
 from farm.progress import make_progress
 from farm.registry.name import parse_reference
+from farm.scheduler import Assign, Decision, Wait, parse_policy
 
 __all__ = ["main"]
 
 T = TypeVar("T")
 _BUG_EXIT = 70  # EX_SOFTWARE: farm itself failed
+PARTIAL_EXIT = 3  # --allow-partial: pushed, but some platforms are missing
 
 
 _INVENTORY_OPTION = click.option(
@@ -89,6 +92,31 @@ def cli(ctx: click.Context, debug: bool) -> None:
     help="Build-time variable KEY=VALUE, or KEY to take it from the environment.",
 )
 @click.option("--target", default="", help="Build this stage of the Dockerfile.")
+@click.option(
+    "--emulation",
+    "emulation",
+    multiple=True,
+    help="QEMU policy: allow|deny, or per platform allow=P,... / deny=P,... (repeatable).",
+)
+@click.option(
+    "--label", "labels", multiple=True, help="Use only nodes with this label KEY=VALUE (repeatable)."
+)
+@click.option(
+    "--native-wait", help="How long to wait for a busy native node before emulating (e.g. 90s, 5m)."
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Other nodes to try after a node fault.",
+)
+@click.option(
+    "--allow-partial", is_flag=True, help=f"Push what succeeded if some platforms fail (exit {PARTIAL_EXIT})."
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print where each platform would build, and why; build nothing."
+)
 @click.option("--append", is_flag=True, help="Keep the tag's other platforms; replace only these.")
 @click.option("--annotation", "annotations", multiple=True, help="Index annotation KEY=VALUE (repeatable).")
 @_INVENTORY_OPTION
@@ -127,8 +155,18 @@ def build(
     insecure: tuple[str, ...],
     append: bool,
     annotations: tuple[str, ...],
+    emulation: tuple[str, ...],
+    labels: tuple[str, ...],
+    native_wait: str | None,
+    retries: int,
+    allow_partial: bool,
+    dry_run: bool,
 ) -> None:
-    """Build CONTEXT for every platform on the best node and push one index under each tag."""
+    """Build CONTEXT for every platform on the best node and push one index under each tag.
+
+    Exit status: 0 pushed; 1 failed, nothing tagged; 2 bad input; 3 (--allow-partial) pushed
+    without the platforms listed as missing.
+    """
 
     def parse() -> BuildOptions:
         return BuildOptions(
@@ -141,11 +179,18 @@ def build(
             insecure_registries=insecure,
             append=append,
             annotations=_parse_pairs(annotations, "--annotation"),
+            policy=parse_policy(emulation=emulation, labels=labels, native_wait=native_wait),
+            retries=retries,
+            allow_partial=allow_partial,
         )
 
     options = _guard(ctx, parse)
     nodes = _guard(ctx, lambda: load_inventory(inventory))
     drained = _guard(ctx, DrainState(state_dir).load)
+    if dry_run:
+        for decision in _guard(ctx, lambda: _run(plan_build(options, nodes, drained))):
+            _print_decision(decision)
+        return
     renderer = make_progress(progress)
     try:
         result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer, drained)))
@@ -154,6 +199,8 @@ def build(
     _print_summary(result)
     if metadata_file is not None:
         metadata_file.write_text(json.dumps(result.metadata(), indent=2) + "\n")
+    if result.missing:
+        sys.exit(PARTIAL_EXIT)
 
 
 @cli.group()
@@ -546,10 +593,22 @@ def _parse_build_args(values: tuple[str, ...]) -> dict[str, str]:
     return args
 
 
+def _print_decision(decision: Decision) -> None:
+    if isinstance(decision, Assign):
+        click.echo(f"{decision.platform!s:<15} {decision.mode:<9} {decision.node:<12} {decision.reason}")
+    elif isinstance(decision, Wait):
+        click.echo(f"{decision.platform!s:<15} {'waits':<9} {'-':<12} {decision.reason}")
+    else:
+        hint = f" (hint: {decision.hint})" if decision.hint else ""
+        click.echo(f"{decision.platform!s:<15} {'FAILS':<9} {'-':<12} {decision.message}{hint}")
+
+
 def _print_summary(result: BuildResult) -> None:
     click.echo(f"{'PLATFORM':<16}{'NODE':<14}{'MODE':<10}{'SECONDS':>8}  DIGEST")
     for item in result.platforms:
         click.echo(f"{item.platform!s:<16}{item.node:<14}{item.mode:<10}{item.seconds:>8.1f}  {item.digest}")
+    for platform, reason in result.missing.items():
+        click.echo(f"{platform:<16}{'MISSING':<24}  {reason}")
     for tag in result.tags:
         click.echo(f"pushed {tag}@{result.index_digest}")
 

@@ -59,6 +59,7 @@ class NodeSpec(BaseModel):
     emulation: bool = Field(default=True, description="may this node build foreign platforms under QEMU")
     slots: int = Field(default=1, ge=1, le=256, description="concurrent builds on this node")
     builder: Literal["auto", "buildah", "docker", "podman"] = "auto"
+    speed: float = Field(default=1.0, gt=0, description="relative build speed: among equals, faster wins")
     workdir: str | None = Field(default=None, description="where the agent keeps its cache and builds")
     labels: dict[str, str] = Field(default_factory=dict)
 

@@ -18,11 +18,10 @@ from pathlib import Path
 from farm.errors import FarmError, InputError, NodeError
 from farm.inventory import Inventory, NodeSpec
 from farm.nodefacts import NodeFacts
-from farm.scheduler import Candidate
 from farm.session import open_session
 from farm.transport import LocalTransport, Transport
 
-__all__ = ["DrainState", "Node", "candidates", "check_nodes", "open_nodes", "probe"]
+__all__ = ["DrainState", "Node", "check_nodes", "open_nodes", "probe"]
 
 
 @dataclass
@@ -33,7 +32,6 @@ class Node:
     facts: NodeFacts | None = None
     builder: str = ""
     problem: FarmError | None = None  # why the node cannot take work now
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     synced: asyncio.Lock = field(default_factory=asyncio.Lock)
     synced_contexts: set[str] = field(default_factory=set)
 
@@ -64,10 +62,7 @@ async def open_nodes(
         assert connections is not None
         return SshTransport(spec, connections)
 
-    nodes = [
-        Node(spec, transport(spec), drained=spec.name in drained, slots=asyncio.Semaphore(spec.slots))
-        for spec in inventory.nodes
-    ]
+    nodes = [Node(spec, transport(spec), drained=spec.name in drained) for spec in inventory.nodes]
     try:
         yield nodes
     finally:
@@ -109,21 +104,6 @@ async def probe(node: Node) -> None:
             node=node.name,
             hint="install buildah, podman or docker on the node, or set 'builder' to one it has",
         )
-
-
-def candidates(nodes: list[Node]) -> list[Candidate]:
-    """The nodes that can take work, as the scheduler sees them."""
-    return [
-        Candidate(
-            name=node.name,
-            native=node.facts.native_platforms,
-            emulated=node.facts.emulated_platforms,
-            emulation_allowed=node.spec.emulation,
-            slots=node.spec.slots,
-        )
-        for node in nodes
-        if node.usable and node.facts is not None
-    ]
 
 
 class DrainState:

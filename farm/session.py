@@ -47,13 +47,11 @@ class AgentSession:
         if unknown:
             raise NodeError(f"agent asked for {unknown[0]}, which is not in the context", node=self.node)
         batches = _batches(needed, context.blob_sizes)
-        reading = asyncio.create_task(asyncio.to_thread(_framed, context, batches[0])) if batches else None
-        for following in [*batches[1:], None]:
+        reading = self._read_ahead(context, batches[0]) if batches else None
+        for following in [*batches[1:], []] if batches else []:
             assert reading is not None
             framed = await reading
-            reading = (
-                asyncio.create_task(asyncio.to_thread(_framed, context, following)) if following else None
-            )
+            reading = self._read_ahead(context, following) if following else None
             try:
                 await self._process.write(framed)
             except (ConnectionError, OSError) as exc:
@@ -62,6 +60,10 @@ class AgentSession:
                 raise self._lost(f"cannot write to the agent: {exc}") from exc
         await self._expect("synced")
         return len(needed), sum(context.blob_sizes[digest] for digest in needed)
+
+    @staticmethod
+    def _read_ahead(context: Context, batch: list[str]) -> asyncio.Task[bytes]:
+        return asyncio.create_task(asyncio.to_thread(_framed, context, batch))
 
     async def build(self, request: dict[str, Any], on_log: Callable[[str], None]) -> dict[str, Any]:
         """Run one build; stream its log lines to ``on_log``; return the agent's ``result``."""
