@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shutil
 import sys
@@ -39,6 +40,7 @@ __all__ = ["main"]
 
 # Below this much free disk in the workdir, cached images are dropped before a build.
 _MIN_FREE_DISK = 2 * 1024**3
+_AUTH_TIMEOUT = 60.0
 _WAITING_FOR_SLOT = "farm: every build slot of this node is taken; waiting for one"
 _BUILD_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -70,6 +72,7 @@ class Agent:
         self.runner: Runner | None = None
         self.build_thread: threading.Thread | None = None
         self.finished = threading.Event()
+        self._authorizations: queue.Queue[str | None] = queue.Queue()
 
     def serve(self) -> None:
         stdout = self.out
@@ -110,6 +113,8 @@ class Agent:
             self.runner = Runner(lambda line: self.out.send("log", line=line))
             self.build_thread = threading.Thread(target=self._build, args=(message, self.runner))
             self.build_thread.start()
+        elif kind == "auth":
+            self._authorizations.put(message.get("authorization"))
         elif kind == "heartbeat":
             self.last_heartbeat = time.monotonic()
         elif kind == "cancel":
@@ -202,11 +207,23 @@ class Agent:
                 layout = export_image(spec, runner)
                 push = request["push"]
                 digest, size, media_type = push_layout(
-                    layout, str(push["registry_url"]), str(push["repository"]), push.get("authorization")
+                    layout,
+                    str(push["registry_url"]),
+                    str(push["repository"]),
+                    push.get("authorization"),
+                    refresh=self._ask_authorization,
                 )
         except InterruptedError as exc:
             raise Cancelled() from exc
         self.out.send("result", digest=digest, size=size, media_type=media_type)
+
+    def _ask_authorization(self) -> str | None:
+        """A fresh push credential from the coordinator (it never touches this node's disk)."""
+        self.out.send("auth")
+        try:
+            return self._authorizations.get(timeout=_AUTH_TIMEOUT)
+        except queue.Empty:
+            return None
 
     def _log(self, line: str) -> None:
         self.out.send("log", line=line)

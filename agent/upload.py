@@ -11,12 +11,13 @@ value for this push only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
 import os
 import ssl
-from typing import IO
+from typing import IO, Callable
 from urllib.parse import urlencode, urljoin, urlsplit
 
 __all__ = ["PushError", "PushedImage", "push_layout"]
@@ -37,8 +38,13 @@ def push_layout(
     registry_url: str,
     repository: str,
     authorization: str | None = None,
+    refresh: Callable[[], str | None] | None = None,
 ) -> PushedImage:
-    """Upload the single image of ``layout`` into ``repository``; return its manifest descriptor."""
+    """Upload the single image of ``layout`` into ``repository``; return its manifest descriptor.
+
+    ``refresh`` asks the coordinator for a new credential when the registry refuses the one in
+    hand (a token that expired during a long build); each step is then tried once more.
+    """
     with open(os.path.join(layout, "index.json"), "rb") as index_file:
         descriptors = json.load(index_file).get("manifests", [])
     if len(descriptors) != 1:
@@ -48,10 +54,23 @@ def push_layout(
     manifest = json.loads(raw)
     media_type = manifest.get("mediaType") or descriptors[0]["mediaType"]
     session = _Session(registry_url, authorization)
+
+    def again_if_refused(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except PushError as exc:
+            if exc.status != 401 or refresh is None:
+                raise
+            session.authorization = refresh()
+            step()
+
     try:
         for blob in [manifest["config"], *manifest.get("layers", [])]:
-            session.upload_blob(repository, blob["digest"], blob["size"], _blob_path(layout, blob["digest"]))
-        session.put_manifest(repository, digest, media_type, raw)
+            path = _blob_path(layout, blob["digest"])
+            again_if_refused(
+                functools.partial(session.upload_blob, repository, blob["digest"], blob["size"], path)
+            )
+        again_if_refused(functools.partial(session.put_manifest, repository, digest, media_type, raw))
     finally:
         session.close()
     return digest, len(raw), media_type

@@ -368,10 +368,12 @@ async def _build_platform(
                 "push": {
                     "registry_url": client.base_url(target),
                     "repository": target.repository,
-                    "authorization": None,
+                    # For this build only: held in the agent's memory, never on the node's disk.
+                    "authorization": await client.push_authorization(target),
                 },
             },
             lambda line: on_event(PlatformEvent(platform, name, "log", line)),
+            lambda: client.push_authorization(target),
         )
     seconds = time.monotonic() - started
     on_event(PlatformEvent(platform, name, "verifying", str(reply["digest"])))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from agent import protocol
@@ -65,8 +65,17 @@ class AgentSession:
     def _read_ahead(context: Context, batch: list[str]) -> asyncio.Task[bytes]:
         return asyncio.create_task(asyncio.to_thread(_framed, context, batch))
 
-    async def build(self, request: dict[str, Any], on_log: Callable[[str], None]) -> dict[str, Any]:
-        """Run one build; stream its log lines to ``on_log``; return the agent's ``result``."""
+    async def build(
+        self,
+        request: dict[str, Any],
+        on_log: Callable[[str], None],
+        authorize: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> dict[str, Any]:
+        """Run one build; stream its log lines to ``on_log``; return the agent's ``result``.
+
+        ``authorize`` gives the agent a fresh push credential when the registry refuses the one
+        it has (a token that expired during a long build).
+        """
         await self._send("build", **request)
         # Owned here and always reaped: a TaskGroup would wrap this loop's errors in a group.
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -75,6 +84,9 @@ class AgentSession:
                 message = await self._receive()
                 if message["type"] == "log":
                     on_log(str(message.get("line", "")))
+                    continue
+                if message["type"] == "auth":
+                    await self._send("auth", authorization=await authorize() if authorize else None)
                     continue
                 if message["type"] == "result":
                     return message

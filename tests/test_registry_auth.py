@@ -441,3 +441,50 @@ def test_a_private_ca_is_trusted_only_when_given(tmp_path: Path) -> None:
         assert run(get(build_transport(ca_file=keys.cert_path))) == 200
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             run(get(build_transport()))
+
+
+# -- (c) nodes push with credentials handed to them for one build ------------------------------
+
+
+def build_on_local_node(
+    tmp_path: Path, registry: lab.Registry, node_workdir: Path, run_step: str
+) -> lab.FarmRun:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {registry.host}/library/busybox\nRUN {run_step}\n")
+    inventory = lab.write_inventory(tmp_path / "inventory.yaml", workdir=str(node_workdir))
+    return lab.farm(
+        "build", "-t", f"{registry.host}/team/built:1", "--platform", "linux/amd64,linux/arm64",
+        "--progress", "plain", "--inventory", str(inventory),
+        "--metadata-file", str(tmp_path / "metadata.json"), str(context),
+    )  # fmt: skip
+
+
+def test_a_build_pushes_with_basic_credentials_that_never_reach_the_node_disk_or_any_output(
+    tmp_path: Path, basic_registry: lab.Registry, docker_config: Path, node_workdir: Path
+) -> None:
+    secret = authlab.basic_auth("alice", PASSWORD)
+    authlab.write_docker_config(docker_config, {"auths": {basic_registry.host: {"auth": secret}}})
+    run_ = build_on_local_node(tmp_path, basic_registry, node_workdir, "true")
+    assert run_.code == 0, run_.stderr
+    seen = run_.stdout + run_.stderr + (tmp_path / "metadata.json").read_text()
+    assert secret not in seen
+    assert PASSWORD not in seen
+    for path in node_workdir.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 1_000_000:
+            data = path.read_bytes()
+            assert secret.encode() not in data, path
+            assert PASSWORD.encode() not in data, path
+
+
+def test_a_token_expiring_during_a_build_is_renewed_for_the_node(
+    tmp_path: Path, tokens: Lab, node_workdir: Path
+) -> None:
+    registry, server = tokens
+    # The token says five minutes; the registry takes it for two seconds, and the build's RUN
+    # outlasts that: the node's push is refused, and it asks the coordinator for a new one.
+    server.lifetime, server.expires_in = 2, 300
+    run_ = build_on_local_node(tmp_path, registry, node_workdir, "sleep 3")
+    assert run_.code == 0, run_.stderr
+    pushes = [request for request in server.log if any("team/built:pull,push" in s for s in request.scopes)]
+    assert len(pushes) >= 2, "a second push token was needed"

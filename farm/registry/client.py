@@ -174,6 +174,23 @@ class RegistryClient:
             raise RegistryError(f"{ref}: the registry stored {stored}, farm sent {digest}")
         return digest
 
+    async def push_authorization(self, ref: Reference) -> str | None:
+        """The ``Authorization`` value that lets a node push into ``ref``'s repository, for now.
+
+        It is what farm's own auth flow settles on for a push (a short-lived bearer token, or
+        basic credentials): farm opens an upload session, reads the header that was accepted,
+        and cancels the session. None for a registry that wants no credentials.
+        """
+        response = await self._send("POST", ref, f"/v2/{ref.repository}/blobs/uploads/")
+        if response.status_code != 202:
+            raise _status_error(response, f"cannot push to {ref.name}")
+        location = response.headers.get("location")
+        if location:
+            with contextlib.suppress(httpx.HTTPError):
+                await self._http.delete(str(response.url.join(location)))
+        value = response.request.headers.get("authorization")
+        return str(value) if value else None
+
     async def has_blob(self, ref: Reference, digest: str) -> bool:
         response = await self._send("HEAD", ref, f"/v2/{ref.repository}/blobs/{digest}")
         if response.status_code in (200, 404):
