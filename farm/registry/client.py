@@ -12,6 +12,7 @@ stacks them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -71,6 +72,7 @@ class RegistryClient:
         """``transport`` replaces httpx's own under the retries (tests); ``ca_file`` is a PEM
         bundle trusted besides the system's; ``credentials`` default to docker's config."""
         self._insecure = frozenset(insecure_registries)
+        self._push_authorizing = asyncio.Lock()
         self._http = httpx.AsyncClient(
             timeout=_TIMEOUT,
             transport=build_transport(ca_file=ca_file, retry=retry, inner=transport),
@@ -181,7 +183,10 @@ class RegistryClient:
         basic credentials): farm opens an upload session, reads the header that was accepted,
         and cancels the session. None for a registry that wants no credentials.
         """
-        response = await self._send("POST", ref, f"/v2/{ref.repository}/blobs/uploads/")
+        # One at a time: nodes whose tokens expired together ask together, and one new token
+        # serves them all (the auth flow caches it).
+        async with self._push_authorizing:
+            response = await self._send("POST", ref, f"/v2/{ref.repository}/blobs/uploads/")
         if response.status_code != 202:
             raise _status_error(response, f"cannot push to {ref.name}")
         location = response.headers.get("location")
