@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import threading
 from collections import deque
@@ -39,13 +40,44 @@ _KILL_GRACE = 5.0
 class BuilderFailed(Exception):
     """A builder command exited non-zero; ``tail`` holds its last lines of output."""
 
-    def __init__(self, message: str, tail: Sequence[str]) -> None:
+    def __init__(self, message: str, tail: Sequence[str], signalled: bool = False) -> None:
         super().__init__(message)
         self.tail = list(tail)
+        self.signalled = signalled
+
+    @property
+    def node_at_fault(self) -> bool:
+        """The node failed the build, not the Dockerfile: the builder crashed (killed by a
+        signal) or the node ran out of disk. Another node may well succeed."""
+        text = "\n".join(self.tail).lower()
+        return self.signalled or any(sign in text for sign in _NODE_FAULT_SIGNS)
+
+
+_NODE_FAULT_SIGNS = ("no space left on device", "disk quota exceeded", "cannot allocate memory")
 
 
 class Cancelled(Exception):
     pass
+
+
+# Every builder command runs under this guard, the leader of the command's own process group. The
+# kernel signals the guard when the agent dies, even by SIGKILL (PR_SET_PDEATHSIG), and the guard
+# then kills the whole group: a killed agent leaves no builder behind either.
+_GUARD = """\
+import ctypes, os, signal, subprocess, sys
+def kill_group(*_):
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+signal.signal(signal.SIGUSR1, kill_group)
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    kill_group()
+code = subprocess.call(sys.argv[2:])
+if code < 0:  # die of the same signal, so that the agent sees how the builder ended
+    if -code == signal.SIGUSR1:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
 
 
 class Runner:
@@ -65,7 +97,7 @@ class Runner:
             if self._cancelled:
                 raise Cancelled()
             self._process = subprocess.Popen(
-                argv,
+                [sys.executable, "-I", "-c", _GUARD, str(os.getpid()), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -87,7 +119,7 @@ class Runner:
             if self._cancelled:
                 raise Cancelled()
         if code != 0:
-            raise BuilderFailed(f"{os.path.basename(argv[0])} exited with status {code}", self.tail)
+            raise BuilderFailed(f"{os.path.basename(argv[0])} exited with status {code}", self.tail, code < 0)
         return "\n".join(output)
 
     def cancel(self) -> None:

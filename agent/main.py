@@ -162,7 +162,8 @@ class Agent:
         except Cancelled:
             self.out.send("error", kind="node", message="build cancelled")
         except BuilderFailed as exc:
-            self.out.send("error", kind="build", message=str(exc), log_tail=exc.tail)
+            kind = "node" if exc.node_at_fault else "build"
+            self.out.send("error", kind=kind, message=str(exc), log_tail=exc.tail)
         except PushError as exc:
             self.out.send("error", kind="registry", message=str(exc), status=exc.status)
         except (UnsafeEntryError, KeyError, ValueError) as exc:

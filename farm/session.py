@@ -151,7 +151,8 @@ class AgentSession:
             return RegistryError(f"pushing from {self.node}: {text}", status=message.get("status"))
         if kind == "input":
             return InputError(f"{self.node} refused the request: {text}")
-        return NodeError(f"{self.node}: {text}", node=self.node)
+        last = next((line for line in reversed(tail) if line.strip()), "")
+        return NodeError(f"{self.node}: {text}{': ' + last if last else ''}", node=self.node)
 
     def _lost(self, what: str) -> NodeError:
         stderr = self._process.stderr_tail()
