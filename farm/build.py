@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from farm import mediatypes
 from farm.context import Context, StatCache, scan_context
-from farm.dispatch import Dispatch, initial_health, node_views
+from farm.dispatch import Dispatch, Outcome, initial_health, node_views
 from farm.dockerfile import BaseImage, parse_stages, pin_bases
 from farm.errors import (
     BuildFailedError,
@@ -67,6 +67,7 @@ class BuildOptions(BaseModel):
     policy: Policy = Field(default_factory=Policy, description="emulation, labels, native wait")
     retries: int = Field(default=2, ge=0, description="other nodes a platform may try after a node fault")
     allow_partial: bool = Field(default=False, description="push what succeeded, list what did not")
+    no_cache: bool = Field(default=False, description="build even what an earlier build already made")
     annotations: dict[str, str] = Field(default_factory=dict, description="index annotations")
 
 
@@ -87,6 +88,17 @@ class PlatformResult:
     size: int
     media_type: str
     seconds: float
+    reused: bool = False  # unchanged since an earlier build: nothing was dispatched
+
+    def record(self, repository: Reference) -> dict[str, object]:
+        return {
+            "repository": repository.name,
+            "digest": self.digest,
+            "size": self.size,
+            "media_type": self.media_type,
+            "node": self.node,
+            "mode": self.mode,
+        }
 
 
 @dataclass(frozen=True)
@@ -148,42 +160,140 @@ async def _build(
     target = tags[0]
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
-        await asyncio.gather(*(probe(node) for node in nodes))
-        _require_a_usable_node(nodes)
-        if not options.allow_partial:
-            _refuse_what_cannot_be_placed(options, nodes)
         pins = _Pins(client, dockerfile_text, options)
+        records = _BuildRecords.load()
+        keys = {p: _build_key(context, await pins.dockerfile(p, p), options, p) for p in options.platforms}
+        reused = {} if options.no_cache else await _reusable(client, target, records, keys, on_event)
+        wanted = [platform for platform in options.platforms if platform not in reused]
+        outcome = Outcome()
         scans: dict[str, LayerScan] = {}
-        history = _History.load()
-
-        async def run(platform: Platform, node: Node, mode: Mode, reason: str) -> PlatformResult:
-            assert node.facts is not None
-            dockerfile = await pins.dockerfile(platform, node.facts.native_platform)
-            return await _build_platform(
-                client, node, platform, mode, context, dockerfile, options, target, scans, on_event
+        if wanted:
+            outcome = await _dispatch(
+                client, wanted, nodes, pins, context, dockerfile_text, options, target, scans, on_event
             )
-
-        def report(platform: Platform, node: str, state: str, detail: str) -> None:
-            on_event(PlatformEvent(platform, node, state, detail))
-
-        dispatch = Dispatch(nodes, options.policy, history.entries, options.retries, run, report)
-        outcome = await dispatch.run(options.platforms, _affinity(context, dockerfile_text, options))
-        results = [
-            cast(PlatformResult, outcome.results[p]) for p in options.platforms if p in outcome.results
-        ]
-        for result in results:
-            history.entries[(_affinity(context, dockerfile_text, options), result.platform)] = result.node
-        history.save()
+        built = {platform: cast(PlatformResult, result) for platform, result in outcome.results.items()}
+        for platform, result in built.items():
+            records.entries[keys[platform]] = result.record(target)
+        records.save()
+        results = [reused.get(p) or built[p] for p in options.platforms if p in reused or p in built]
         if outcome.failures and not (options.allow_partial and results):
             raise BuildFailedError({str(p): error for p, error in outcome.failures.items()})
-        built = Source(target, tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in results))
+        children = tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in results)
         base = await existing_children(client, target) if options.append else []
         index = await push_index(
-            client, tags, [built], base=base, base_repository=target,
+            client, tags, [Source(target, children)], base=base, base_repository=target,
             annotations=options.annotations or None, scans=scans,
         )  # fmt: skip
     missing = {str(p): error.message for p, error in outcome.failures.items()}
     return BuildResult(tuple(tags), index.digest, index.media_type, index.size, tuple(results), missing)
+
+
+async def _dispatch(
+    client: RegistryClient,
+    platforms: list[Platform],
+    nodes: list[Node],
+    pins: _Pins,
+    context: Context,
+    dockerfile_text: str,
+    options: BuildOptions,
+    target: Reference,
+    scans: dict[str, LayerScan],
+    on_event: EventSink,
+) -> Outcome:
+    """Probe the nodes and build ``platforms`` on them, failing over as needed."""
+    await asyncio.gather(*(probe(node) for node in nodes))
+    _require_a_usable_node(nodes)
+    if not options.allow_partial:
+        _refuse_what_cannot_be_placed(options, platforms, nodes)
+    history = _History.load()
+    affinity = _affinity(context, dockerfile_text, options)
+
+    async def run(platform: Platform, node: Node, mode: Mode, reason: str) -> PlatformResult:
+        assert node.facts is not None
+        dockerfile = await pins.dockerfile(platform, node.facts.native_platform)
+        return await _build_platform(
+            client, node, platform, mode, context, dockerfile, options, target, scans, on_event
+        )
+
+    def report(platform: Platform, node: str, state: str, detail: str) -> None:
+        on_event(PlatformEvent(platform, node, state, detail))
+
+    outcome = await Dispatch(nodes, options.policy, history.entries, options.retries, run, report).run(
+        platforms, affinity
+    )
+    for platform, result in outcome.results.items():
+        history.entries[(affinity, platform)] = cast(PlatformResult, result).node
+    history.save()
+    return outcome
+
+
+def _build_key(context: Context, pinned: str, options: BuildOptions, platform: Platform) -> str:
+    """What makes two builds of a platform the same build: the context, the Dockerfile with its
+    bases pinned (a moved base tag is a new build), the arguments, the target."""
+    material = json.dumps(
+        [context.digest, pinned, sorted(options.build_args.items()), options.target, str(platform)]
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+async def _reusable(
+    client: RegistryClient,
+    target: Reference,
+    records: _BuildRecords,
+    keys: dict[Platform, str],
+    on_event: EventSink,
+) -> dict[Platform, PlatformResult]:
+    """Platforms built before from the same inputs whose image is still in the target repository."""
+    candidates = {
+        platform: record
+        for platform, record in ((p, records.entries.get(key)) for p, key in keys.items())
+        if record is not None and record.get("repository") == target.name
+    }
+    found = await asyncio.gather(
+        *(client.head_manifest(target.with_digest(str(record["digest"]))) for record in candidates.values())
+    )
+    reused: dict[Platform, PlatformResult] = {}
+    for (platform, record), present in zip(candidates.items(), found, strict=True):
+        if present is None:
+            continue  # deleted from the registry since: build it again
+        reused[platform] = PlatformResult(
+            platform=platform,
+            node=str(record["node"]),
+            mode=cast(Mode, record["mode"]),
+            digest=str(record["digest"]),
+            size=int(str(record["size"])),
+            media_type=str(record["media_type"]),
+            seconds=0.0,
+            reused=True,
+        )
+        on_event(
+            PlatformEvent(platform, str(record["node"]), "done", "unchanged since an earlier build: reused")
+        )
+    return reused
+
+
+class _BuildRecords:
+    """Images farm built, by the inputs that made them (for no-op rebuilds), kept across builds."""
+
+    def __init__(self, path: Path, entries: dict[str, dict[str, object]]) -> None:
+        self.path = path
+        self.entries = entries
+
+    @classmethod
+    def load(cls, path: Path = CACHE_DIR / "builds.json") -> _BuildRecords:
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    def save(self, keep: int = 5000) -> None:
+        kept = dict(list(self.entries.items())[-keep:])
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(kept))
+            partial.replace(self.path)
 
 
 def _affinity(context: Context, dockerfile: str, options: BuildOptions) -> str:
@@ -250,11 +360,13 @@ def _require_a_usable_node(nodes: list[Node]) -> None:
     raise PlanError(f"no node is usable ({reasons})", hint="see 'farm nodes check'")
 
 
-def _refuse_what_cannot_be_placed(options: BuildOptions, nodes: list[Node]) -> None:
+def _refuse_what_cannot_be_placed(
+    options: BuildOptions, platforms: list[Platform], nodes: list[Node]
+) -> None:
     """Before building anything: a platform no node could ever take fails the build now."""
     now = time.monotonic()
     health = {node.name: initial_health(node, now) for node in nodes}
-    requests = [Request(platform, waiting_since=now) for platform in options.platforms]
+    requests = [Request(platform, waiting_since=now) for platform in platforms]
     decisions = plan(requests, node_views(nodes, health, {}), options.policy, {}, now)
     failing = [decision for decision in decisions if isinstance(decision, Fail)]
     if len(failing) == 1:

@@ -114,6 +114,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--allow-partial", is_flag=True, help=f"Push what succeeded if some platforms fail (exit {PARTIAL_EXIT})."
 )
+@click.option("--no-cache", is_flag=True, help="Build every platform, even those unchanged since last time.")
 @click.option(
     "--dry-run", is_flag=True, help="Print where each platform would build, and why; build nothing."
 )
@@ -160,6 +161,7 @@ def build(
     native_wait: str | None,
     retries: int,
     allow_partial: bool,
+    no_cache: bool,
     dry_run: bool,
 ) -> None:
     """Build CONTEXT for every platform on the best node and push one index under each tag.
@@ -182,6 +184,7 @@ def build(
             policy=parse_policy(emulation=emulation, labels=labels, native_wait=native_wait),
             retries=retries,
             allow_partial=allow_partial,
+            no_cache=no_cache,
         )
 
     options = _guard(ctx, parse)

@@ -86,6 +86,8 @@ async def push_index(
     incoming = list({child.digest: child for source in sources for child in source.children}.values())
     children = merge_children(list(base), incoming) if base else incoming
     index = build_index(children, annotations)  # refuses duplicates and oversize before any copy
+    if await _already_tagged(client, tags, index.digest):
+        return index  # nothing changed: the index under every tag was verified when it was pushed
     origin = {child.digest: source.repository for source in sources for child in source.children}
     if base_repository is not None:
         for child in base:
@@ -123,6 +125,11 @@ async def copy_manifest(client: RegistryClient, target: Reference, source: Refer
             if not await client.mount_blob(target, blob_digest, source):
                 await client.copy_blob(target, blob_digest, int(blob["size"]), source)
     await client.put_manifest(target.with_digest(digest), manifest.raw, manifest.media_type)
+
+
+async def _already_tagged(client: RegistryClient, tags: Sequence[Reference], digest: str) -> bool:
+    found = await asyncio.gather(*(client.head_manifest(tag) for tag in tags))
+    return all(info is not None and info.digest == digest for info in found)
 
 
 def _repositories(tags: Sequence[Reference]) -> list[Reference]:

@@ -240,3 +240,31 @@ def test_build_args_and_target_reach_the_build(
     )  # fmt: skip
     assert run.code == 0, run.stderr
     assert lab.docker_run(tag, "linux/arm64") == "moin"
+
+
+def test_an_unchanged_rebuild_reuses_every_image_and_no_cache_builds_again(
+    tmp_path: Path, registry: lab.Registry, inventory: Path
+) -> None:
+    context = hello_context(tmp_path, registry)
+    (context / "nonce").write_text(str(tmp_path))  # this test's own build, never made before
+    tag = f"{registry.host}/checks/noop:1"
+    build = ["build", "-t", tag, "--platform", "linux/amd64,linux/arm64", "--progress", "plain",
+             "--inventory", str(inventory), str(context)]  # fmt: skip
+    first = lab.farm(*build)
+    assert first.code == 0, first.stderr
+    assert first.stderr.count("] assigned:") == 2
+
+    again = lab.farm(*build)
+    assert again.code == 0, again.stderr
+    assert "] assigned:" not in again.stderr
+    assert again.stderr.count("unchanged since an earlier build: reused") == 2
+    assert again.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]  # the same index
+
+    (context / "hello.sh").write_text('#!/bin/sh\necho "changed"\n')
+    changed = lab.farm(*build)
+    assert changed.code == 0, changed.stderr
+    assert changed.stderr.count("] assigned:") == 2
+
+    forced = lab.farm(*build, "--no-cache")
+    assert forced.code == 0, forced.stderr
+    assert forced.stderr.count("] assigned:") == 2
