@@ -61,6 +61,13 @@ def wait_until(check: object, what: str, seconds: float = 20.0) -> None:
 class Registry:
     host: str  # "127.0.0.1:PORT"
     data: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        """Take the registry down (a fault to inject); the fixture's teardown copes."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
 
     def url(self, path: str) -> str:
         return f"http://{self.host}{path}"
@@ -102,7 +109,7 @@ def running_registry(workdir: Path, address: str = "127.0.0.1", *, seed: bool = 
     log_path = workdir / "registry.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    registry = Registry(f"{address}:{port}", data)
+    registry = Registry(f"{address}:{port}", data, process)
     try:
         wait_until(
             lambda: _answers(registry.url("/v2/")) or process.poll() is not None,

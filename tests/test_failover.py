@@ -214,3 +214,33 @@ def test_allow_partial_pushes_what_succeeded_and_exits_3(
     assert "linux/s390x" in document["farm.missing"]
     index = lab_registry.raw_manifest("failover/partial:1")
     assert [m["platform"]["architecture"] for m in index["manifests"]] == ["amd64"]  # type: ignore[index]
+
+
+def test_the_registry_going_down_during_the_build_is_a_clear_error_with_nothing_tagged(
+    tmp_path: Path, node_workdir: Path
+) -> None:
+    with lab.running_registry(tmp_path / "registry") as registry:
+        marker = f"farm-registry-down-{uuid.uuid4().hex[:8]}"
+        context = tmp_path / "ctx"
+        context.mkdir()
+        # The RUN outlasts taking the registry down, so the push meets a registry that is gone.
+        (context / "Dockerfile").write_text(
+            f"FROM {registry.host}/library/busybox\nRUN echo started-{marker}; sleep 8; echo {marker}\n"
+        )
+        inventory = lab.write_inventory(tmp_path / "inventory.yaml", workdir=str(node_workdir))
+        farm = start(registry, inventory, context, "down/x:1", "--platform", "linux/amd64")
+        try:
+            assert farm.stdout is not None
+            for line in farm.stdout:
+                if line.rstrip().endswith(f"] started-{marker}"):
+                    break
+            registry.stop()
+            output, _ = farm.communicate(timeout=180)
+        finally:
+            farm.kill()
+            farm.wait()
+    assert farm.returncode == 1
+    assert "linux/amd64" in output
+    assert f"{registry.host}" in output
+    assert "Traceback" not in output
+    assert not processes_running(marker)
