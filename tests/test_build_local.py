@@ -33,6 +33,8 @@ def hello_context(tmp_path: Path, registry: lab.Registry) -> Path:
         os.chmod(context / item.name, item.stat().st_mode)
     dockerfile = context / "Dockerfile"
     dockerfile.write_text(dockerfile.read_text().replace("localhost:5000", registry.host))
+    # A context of this test's own: no earlier build (another test's) is reused as unchanged.
+    (context / "nonce").write_text(str(tmp_path))
     return context
 
 
@@ -246,7 +248,6 @@ def test_an_unchanged_rebuild_reuses_every_image_and_no_cache_builds_again(
     tmp_path: Path, registry: lab.Registry, inventory: Path
 ) -> None:
     context = hello_context(tmp_path, registry)
-    (context / "nonce").write_text(str(tmp_path))  # this test's own build, never made before
     tag = f"{registry.host}/checks/noop:1"
     build = ["build", "-t", tag, "--platform", "linux/amd64,linux/arm64", "--progress", "plain",
              "--inventory", str(inventory), str(context)]  # fmt: skip
