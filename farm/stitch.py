@@ -97,9 +97,13 @@ async def push_index(
         await asyncio.gather(
             *(copy_manifest(client, repository, origin[child.digest], child.digest) for child in children)
         )
-        for child in children:
-            if not child.is_attestation and child.platform is not None:
-                await verify_image(client, repository, child.digest, child.platform, scans)
+        await asyncio.gather(
+            *(
+                verify_image(client, repository, child.digest, child.platform, scans)
+                for child in children
+                if not child.is_attestation and child.platform is not None
+            )
+        )
         await client.put_manifest(repository.with_digest(index.digest), index.raw, index.media_type)
     for tag in tags:
         await client.put_manifest(tag, index.raw, index.media_type)
