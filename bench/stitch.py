@@ -165,9 +165,8 @@ def main() -> int:
         ratios.append(ratio)
         print(f"{number:>5}  {order[0]:<9} {times['farm']:>7.2f}  {times['baseline']:>10.2f}  {ratio:>9.3f}")
     median = statistics.median(ratios)
-    print(
-        f"median farm/baseline ratio: {median:.3f} (target <= {TARGET}: {'met' if median <= TARGET else 'NOT met'})"
-    )
+    verdict = "met" if median <= TARGET else "NOT met"
+    print(f"median farm/baseline ratio: {median:.3f} (target <= {TARGET}: {verdict})")
     return 0
 
 
