@@ -268,3 +268,20 @@ def test_the_arm64_box_is_probed_as_arm64_and_builds_natively(tmp_path: Path, ar
         assert placed["mode"] == "native"
         index = registry.raw_manifest("ssh/box:1")
         assert [m["platform"] for m in index["manifests"]] == [{"architecture": "arm64", "os": "linux"}]  # type: ignore[index]
+
+
+def test_ssh_config_host_aliases_users_and_keys_are_honoured(tmp_path: Path, three: sshlab.SshLab) -> None:
+    """An inventory naming only a ~/.ssh/config alias reaches the node as that config says."""
+    node = three.nodes[0]
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host shelf-pi\n  HostName {node.address}\n  User root\n  IdentityFile {three.client_key}\n"
+    )
+    (home / ".ssh" / "known_hosts").write_text(node.known_hosts_line + "\n")
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(f"nodes:\n  - name: pi\n    host: shelf-pi\n    workdir: {node.workdir}\n")
+    run = lab.farm("nodes", "check", "--json", "--inventory", str(inventory), env={"HOME": str(home)})
+    assert run.code == 0, run.stderr
+    (report,) = json.loads(run.stdout)
+    assert report["usable"] is True
