@@ -26,11 +26,12 @@ docker_sock=/var/run/docker.sock
 docker_storage=${FARM_LAB_DOCKER_STORAGE:-vfs}
 
 # golang-github-opencontainers-image-spec-dev: the OCI image-spec's JSON schemas, which the tests
-# validate every index farm writes against.
+# validate every index farm writes against. shellcheck and systemd (systemd-analyze): the checks
+# of deploy/'s scripts and unit.
 packages=(
   qemu-user-static binfmt-support buildah skopeo docker-registry openssh-server docker.io
   debootstrap prometheus apache2-utils iproute2 python3-venv python3-pip curl
-  golang-github-opencontainers-image-spec-dev
+  golang-github-opencontainers-image-spec-dev shellcheck systemd
 )
 # Debian architecture -> what we need from it; amd64 is native, the rest are foreign.
 foreign_archs=(arm64 armhf armel s390x ppc64el i386)
