@@ -6,9 +6,12 @@ This is the only place that turns farm's typed errors into messages and exit cod
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import click
+from pydantic import ValidationError
 
 from farm.build import BuildOptions, BuildResult, run_build
 from farm.build import dry_run as plan_build
@@ -27,7 +31,8 @@ from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
 from farm.platforms import Platform, parse_platform_list, platform_from_machine
 from farm.progress import make_progress
 from farm.registry.name import parse_reference
-from farm.scheduler import Assign, Decision, Wait, parse_policy
+from farm.scheduler import Assign, Decision, Wait, parse_duration, parse_policy
+from farm.serve import ServerOptions, read_token, remote_build, remote_plan
 
 __all__ = ["main"]
 
@@ -140,6 +145,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
     multiple=True,
     help="Talk plain HTTP to this HOST[:PORT] (loopback registries always are).",
 )
+# --- farm serve: build on a server (farm/serve) ---
+@click.option(
+    "--server",
+    envvar="FARM_SERVER",
+    help="Build on this farm serve (http://HOST:PORT) instead of here ($FARM_SERVER).",
+)
+@click.option(
+    "--server-token",
+    envvar="FARM_SERVER_TOKEN",
+    help="The server's token ($FARM_SERVER_TOKEN; default: STATE-DIR/token, for a server on this machine).",
+)
+# --- end farm serve ---
 @click.pass_context
 def build(
     ctx: click.Context,
@@ -163,6 +180,8 @@ def build(
     allow_partial: bool,
     no_cache: bool,
     dry_run: bool,
+    server: str | None,
+    server_token: str | None,
 ) -> None:
     """Build CONTEXT for every platform on the best node and push one index under each tag.
 
@@ -188,22 +207,139 @@ def build(
         )
 
     options = _guard(ctx, parse)
-    nodes = _guard(ctx, lambda: load_inventory(inventory))
-    drained = _guard(ctx, DrainState(state_dir).load)
-    if dry_run:
-        for decision in _guard(ctx, lambda: _run(plan_build(options, nodes, drained))):
-            _print_decision(decision)
-        return
-    renderer = make_progress(progress)
-    try:
-        result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer, drained)))
-    finally:
-        renderer.close()
+    if server:  # --- farm serve: the server builds, with its own inventory and queue ---
+        remote = _guard(ctx, lambda: _server_options(ctx, server, server_token, state_dir))
+        if dry_run:
+            for decision in _guard(ctx, lambda: _run(remote_plan(remote, options))):
+                _print_decision(decision)
+            return
+        renderer = make_progress(progress)
+        try:
+            result = _guard(
+                ctx, lambda: _run(remote_build(remote, options, renderer, lambda n: click.echo(n, err=True)))
+            )
+        finally:
+            renderer.close()
+    else:  # --- end farm serve ---
+        nodes = _guard(ctx, lambda: load_inventory(inventory))
+        drained = _guard(ctx, DrainState(state_dir).load)
+        if dry_run:
+            for decision in _guard(ctx, lambda: _run(plan_build(options, nodes, drained))):
+                _print_decision(decision)
+            return
+        renderer = make_progress(progress)
+        try:
+            result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer, drained)))
+        finally:
+            renderer.close()
     _print_summary(result)
     if metadata_file is not None:
         metadata_file.write_text(json.dumps(result.metadata(), indent=2) + "\n")
     if result.missing:
         sys.exit(PARTIAL_EXIT)
+
+
+# --- farm serve (farm/serve) ---------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:8750",
+    show_default=True,
+    envvar="FARM_LISTEN",
+    help="HOST:PORT to serve on ($FARM_LISTEN); loopback unless you say otherwise.",
+)
+@_INVENTORY_OPTION
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="FARM_STATE_DIR",
+    default=STATE_DIR,
+    show_default="~/.local/state/farm",
+    help="The server's token, history, contexts and drained nodes ($FARM_STATE_DIR).",
+)
+@click.option(
+    "--token",
+    envvar="FARM_SERVE_TOKEN",
+    help="The bearer token clients must send ($FARM_SERVE_TOKEN; default: STATE-DIR/token, made once).",
+)
+@click.option(
+    "--max-builds",
+    type=click.IntRange(min=1),
+    help="Builds run at once; more wait in the queue (default: the inventory's slots in all).",
+)
+@click.option(
+    "--probe-interval",
+    default="15s",
+    show_default=True,
+    help="How often the nodes are probed for the status page and the metrics.",
+)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    listen: str,
+    inventory: Path | None,
+    state_dir: Path,
+    token: str | None,
+    max_builds: int | None,
+    probe_interval: str,
+) -> None:
+    """Serve builds to every client of a shared lab: API, queue, history, /metrics, status page.
+
+    Stops cleanly on SIGTERM or Ctrl-C: what runs is stopped on every node, what waits fails.
+    """
+    from farm.serve.app import ServeOptions, serve  # aiohttp and prometheus-client only here
+    from farm.serve.coordinator import CoordinatorOptions
+
+    def parse() -> ServeOptions:
+        try:
+            return ServeOptions(
+                listen=listen,
+                inventory=inventory,
+                state_dir=state_dir,
+                token=token,
+                coordinator=CoordinatorOptions(
+                    max_builds=max_builds,
+                    probe_interval=parse_duration(probe_interval, "--probe-interval"),
+                ),
+            )
+        except ValidationError as exc:
+            reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise InputError(f"bad farm serve options: {reason}") from exc
+
+    options = _guard(ctx, parse)
+    # The server's own news, and only its libraries' warnings (httpx logs every request at INFO).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("farm").setLevel(logging.INFO)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(options, stop, lambda url: click.echo(f"farm serve: listening on {url}", err=True))
+
+    _guard(ctx, lambda: asyncio.run(main()))
+
+
+def _server_options(ctx: click.Context, url: str, token: str | None, state_dir: Path) -> ServerOptions:
+    if ctx.get_parameter_source("inventory") == click.core.ParameterSource.COMMANDLINE:
+        raise InputError("--inventory has no effect with --server", hint="the server builds on its own nodes")
+    if not url.startswith(("http://", "https://")):
+        raise InputError(f"--server {url!r} is not an http(s) URL", hint="write http://HOST:PORT")
+    token = token or read_token(state_dir / "token")
+    if not token:
+        raise InputError(
+            f"no token for the farm server at {url}",
+            hint=f"pass --server-token or set $FARM_SERVER_TOKEN (the server keeps it in its "
+            f"state folder's 'token' file; {state_dir / 'token'} is not readable here)",
+        )
+    submitter = os.environ.get("FARM_SUBMITTER") or f"{getpass.getuser()}@{socket.gethostname()}"
+    return ServerOptions(url=url, token=token, submitter=submitter)
+
+
+# --- end farm serve --------------------------------------------------------------------------------
 
 
 @cli.group()

@@ -11,7 +11,9 @@
     ├── BuildError             the build itself failed: it would fail anywhere
     ├── RegistryError          the registry refused or could not be reached
     ├── VerificationError      a pushed image is not of the platform it claims
-    └── BuildFailedError       one or more platforms failed; nothing was tagged
+    ├── BuildFailedError       one or more platforms failed; nothing was tagged
+    └── ServerError            a `farm serve` refused a request or could not be reached
+        └── ServerBugError     the server hit a bug in farm (exit 70, as a local bug does)
 
 Each carries a one-line ``message`` and an optional ``hint`` saying what to do next. Only the CLI
 turns them into text and exit codes.
@@ -33,6 +35,8 @@ __all__ = [
     "PlatformError",
     "ReferenceError_",
     "RegistryError",
+    "ServerBugError",
+    "ServerError",
     "VerificationError",
 ]
 
@@ -117,3 +121,18 @@ class BuildFailedError(FarmError):
             f"{len(failures)} platform(s) failed: {names}; nothing was tagged",
         )
         self.failures = failures
+
+
+# --- farm serve (farm/serve/) -----------------------------------------------------------------
+
+
+class ServerError(FarmError):
+    """A ``farm serve`` refused a request (``status``: its HTTP status) or could not be reached."""
+
+    def __init__(self, message: str, *, status: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+
+
+class ServerBugError(ServerError):
+    exit_code = 70  # as a bug in a local ``farm build`` exits (EX_SOFTWARE)

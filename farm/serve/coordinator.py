@@ -1,0 +1,771 @@
+"""The server's coordinator: one queue for every client, the builds it runs, the nodes it watches.
+
+    submit ─► history row (queued) ─► FairQueue ─► dispatcher: at most ``max_builds`` at once
+          ─► context laid out from the store ─► farm.build.run_build ─► history row (ended)
+                                 │ each PlatformEvent
+                                 └─► the build's event stream, the node's heartbeat, metrics
+
+Every task is owned by the coordinator's TaskGroup: the dispatcher, the prober and each running
+build. A build's failure, whatever it is, ends that build only (``_run_job`` is the one place that
+records it); stopping the server stops every build on every node, as Ctrl-C does for a local build.
+
+Node slots are held by the agents on the nodes (``agent.slots``), so builds of this server, of
+other servers and of plain ``farm build`` runs share them fairly; ``max_builds`` bounds how many
+builds this server drives at once (default: the inventory's slots in all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+import time
+import traceback
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from farm.build import BuildOptions, BuildResult, PlatformEvent, run_build
+from farm.build import dry_run as plan_build
+from farm.errors import BuildFailedError, FarmError, InputError, NodeError, ServerBugError, ServerError
+from farm.health import NodeHealth
+from farm.inventory import Inventory, NodeSpec
+from farm.metrics import FarmSnapshot, Metrics, NodeSnapshot
+from farm.nodefacts import NodeFacts
+from farm.nodes import Node, probe
+from farm.registry.name import parse_reference
+from farm.scheduler import Decision
+from farm.serve.contexts import ContextStore
+from farm.serve.history import INTERRUPTED_QUEUED, INTERRUPTED_RUNNING, BuildRow, PlatformRow
+from farm.serve.queue import FairQueue
+from farm.serve.state import StateFolder
+from farm.serve.wire import error_to_json, event_to_json, result_to_json
+from farm.transport import LocalTransport, Transport
+
+__all__ = ["Coordinator", "CoordinatorOptions", "Job"]
+
+log = logging.getLogger("farm.serve")
+
+_KEEP_FINISHED = 32  # finished builds whose full event stream stays in memory
+_MAX_LOG_LINES = 20_000  # log lines kept per build (its state events are always kept)
+_PING_SECONDS = 15.0  # an idle event stream says it is alive this often
+_PROBE_TIMEOUT = 60.0
+_SENT = re.compile(r"sent (\d+) files, (\d+) bytes")
+_OFFERED = re.compile(r"(\d+) entries, (\d+) bytes")
+
+
+class CoordinatorOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_builds: int | None = Field(default=None, ge=1, description="None: the inventory's slots in all")
+    probe_interval: float = Field(default=15.0, gt=0, description="seconds between node probes")
+    keep_layouts: int = Field(default=16, ge=0, description="contexts kept laid out as folders")
+    store_limit: int = Field(default=10 * 1024**3, ge=0, description="bytes of context blobs kept")
+
+
+@dataclass
+class LivePlatform:
+    """One platform of a build the server runs, as its events tell it."""
+
+    platform: str
+    state: str = "queued"
+    node: str | None = None
+    mode: str | None = None
+    started: float | None = None  # monotonic: when its current attempt began building
+    seconds: float | None = None
+    holding: str | None = None  # the node whose slot it holds now
+    attempt_open: bool = False  # counted as started in the metrics, not yet as finished
+    offered: int = 0  # context bytes of its node's sync
+    digest: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        seconds = self.seconds
+        if seconds is None and self.started is not None:
+            seconds = time.monotonic() - self.started
+        return {
+            "platform": self.platform,
+            "state": self.state,
+            "node": self.node,
+            "mode": self.mode,
+            "seconds": seconds,
+            "digest": self.digest,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Job:
+    """A build the server holds in memory: queued, running, or recently ended."""
+
+    id: str
+    submitter: str
+    options: dict[str, Any]
+    context: str
+    dockerfile: str
+    tags: list[str]
+    platform_names: list[str]
+    submitted_at: float  # epoch seconds
+    submitted_mono: float
+    state: str = "queued"
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: FarmError | None = None
+    result: BuildResult | None = None
+    exit_code: int | None = None
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    platforms: dict[str, LivePlatform] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    log_lines: int = 0
+    cancelled_by: str | None = None
+    position: int | None = None  # in the queue, as last told to its followers
+
+    def emit(self, line: dict[str, Any]) -> None:
+        line["seq"] = len(self.lines)
+        self.lines.append(line)
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "submitter": self.submitter,
+            "tags": self.tags,
+            "platforms": self.platform_names,
+            "context": self.context,
+            "state": self.state,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "error": self.error.message if self.error else None,
+            "exit_code": self.exit_code,
+            "index_digest": self.result.index_digest if self.result else None,
+            "platform_results": [
+                self.platforms.get(name, LivePlatform(name)).to_json() for name in self.platform_names
+            ],
+        }
+
+
+@dataclass
+class NodeStatus:
+    spec: NodeSpec
+    health: NodeHealth
+    facts: NodeFacts | None = None
+    builder: str = ""
+    problem: str | None = None
+    probed_at: float | None = None  # epoch seconds of the last probe
+
+    @property
+    def platform(self) -> str:
+        if self.facts is None:
+            return "unknown"
+        try:
+            return str(self.facts.native_platform)
+        except FarmError:
+            return "unknown"
+
+    def heartbeat_age(self, now: float) -> float | None:
+        seen = self.health.last_seen
+        return None if seen is None else max(0.0, now - seen)
+
+
+class Coordinator:
+    def __init__(
+        self, inventory: Inventory, state: StateFolder, options: CoordinatorOptions, version: str
+    ) -> None:
+        self.inventory = inventory
+        self.state = state
+        self.options = options
+        self.history = state.history
+        self.metrics = Metrics(version, self.snapshot)
+        self.contexts = ContextStore(state.store, state.layouts, options.keep_layouts)
+        self.queue = FairQueue()
+        self.jobs: dict[str, Job] = {}
+        self.nodes = {spec.name: NodeStatus(spec, NodeHealth(spec.name)) for spec in inventory.nodes}
+        self.max_builds = options.max_builds or max(1, sum(spec.slots for spec in inventory.nodes))
+        self._finished: deque[str] = deque()
+        self._running = 0
+        self._wake = asyncio.Event()
+        self._prune_due = True
+        self._stopping = False
+
+    # --- life ---------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Coordinator]:
+        """Recover the history, then run the dispatcher and the prober until the block ends."""
+        interrupted = self.history.recover(time.time())
+        if interrupted:
+            log.warning("marked %d build(s) a previous run left unfinished as failed", len(interrupted))
+        self._reconcile_drain()
+        async with asyncio.TaskGroup() as tasks:
+            dispatcher = tasks.create_task(self._dispatch(tasks))
+            prober = tasks.create_task(self._probe_forever())
+            try:
+                yield self
+            finally:
+                self._stop(dispatcher, prober)
+
+    def _stop(self, *loops: asyncio.Task[None]) -> None:
+        """Stop taking work; fail what waits; stop what runs (the TaskGroup waits for it)."""
+        self._stopping = True
+        for loop in loops:
+            loop.cancel()
+        while (build_id := self.queue.pop()) is not None:
+            self._end(self.jobs[build_id], *self._stopped(self.jobs[build_id], before_it_ran=True))
+        for job in self.jobs.values():
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+
+    async def _dispatch(self, tasks: asyncio.TaskGroup) -> None:
+        while True:
+            started = False
+            while self._running < self.max_builds and (build_id := self.queue.pop()) is not None:
+                job = self.jobs[build_id]
+                self._running += 1
+                job.task = tasks.create_task(self._run_job(job), name=f"build {job.id}")
+                job.task.add_done_callback(functools.partial(self._reap, job))
+                started = True
+            if started:
+                self._announce_positions()
+            if self._prune_due:
+                self._prune_due = False
+                await self._prune()
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def _prune(self) -> None:
+        waiting = {job.context for job in self.jobs.values() if job.state in ("queued", "running")}
+        try:
+            await self.contexts.prune(waiting, self.options.store_limit)
+        except OSError as exc:
+            log.warning("could not prune the context store: %s", exc)
+
+    # --- builds -------------------------------------------------------------------------------------
+
+    def submit(self, submitter: str, context: str, options: dict[str, Any], dockerfile: str) -> Job:
+        if self._stopping:
+            raise ServerError("the server is stopping", status=503, hint="submit again once it is back")
+        checked = self._check_options(options)
+        if not self.contexts.has_context(context):
+            raise ServerError(
+                f"the server lacks part of context {context}", status=409, hint="sync the context again"
+            )
+        job = Job(
+            id=uuid.uuid4().hex[:16],
+            submitter=submitter,
+            options=options,
+            context=context,
+            dockerfile=dockerfile,
+            tags=list(checked.tags),
+            platform_names=[str(p) for p in checked.platforms],
+            submitted_at=time.time(),
+            submitted_mono=time.monotonic(),
+        )
+        self.history.add(
+            job.id,
+            submitter=submitter,
+            tags=job.tags,
+            platforms=job.platform_names,
+            options=options,
+            context=context,
+            submitted_at=job.submitted_at,
+        )
+        self.jobs[job.id] = job
+        self.queue.push(submitter, job.id)
+        job.position = self.queue.position(job.id)
+        job.emit({"type": "queued", "position": job.position})
+        log.info("build %s from %s queued: %s", job.id, submitter, ", ".join(job.tags))
+        self._wake.set()
+        return job
+
+    async def plan(self, options: dict[str, Any]) -> list[Decision]:
+        """What a build with these options would do now (``farm build --dry-run``)."""
+        checked = self._check_options(options)
+        return await plan_build(checked, self.inventory, self.state.drain.load())
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> BuildOptions:
+        """The options as ``run_build`` will get them, refused now if they cannot be."""
+        try:
+            checked = BuildOptions.model_validate(options | {"context": ".", "dockerfile": None})
+        except ValidationError as exc:
+            raise InputError(f"bad build options: {exc}") from exc
+        except TypeError as exc:
+            raise InputError(f"bad build options: {exc}") from exc
+        for tag in checked.tags:
+            if parse_reference(tag).digest:
+                raise InputError(
+                    f"tag {tag} names a digest", hint="tag with NAME:TAG; farm computes the digest"
+                )
+        return checked
+
+    async def cancel(self, build_id: str, by: str) -> dict[str, Any]:
+        """Cancel a queued or running build; return its status once it has stopped."""
+        job = self.jobs.get(build_id)
+        if job is None:
+            row = self._row(build_id)
+            return row.to_json()
+        job.cancelled_by = by
+        if self.queue.remove(build_id):
+            self._end(job, *self._stopped(job, before_it_ran=True))
+            self._announce_positions()
+        elif job.task is not None and not job.task.done():
+            job.task.cancel()
+            # Not cancelled with the request: a client that gives up waiting stops nothing.
+            await asyncio.wait([job.task], timeout=120)
+        return job.to_json()
+
+    async def _run_job(self, job: Job) -> None:
+        job.state = "running"
+        job.started_at = time.time()
+        self.history.start(job.id, job.started_at)
+        self.metrics.queue_waited(time.monotonic() - job.submitted_mono)
+        job.emit({"type": "started"})
+        log.info("build %s started", job.id)
+        try:
+            result = await self._build(job)
+        except asyncio.CancelledError:
+            self._end(job, *self._stopped(job, before_it_ran=False))
+            raise
+        except Exception as exc:  # the one place where a build's end, bug or not, is recorded
+            self._end(job, "failed", self._as_farm_error(job, exc))
+        else:
+            self._end(job, "partial" if result.missing else "succeeded", result=result)
+
+    def _reap(self, job: Job, _: object = None) -> None:
+        """A build's task is done: free its place; end it if it was cancelled before it began."""
+        self._running -= 1
+        self._prune_due = True
+        self._wake.set()
+        if not job.done.is_set():
+            self._end(job, *self._stopped(job, before_it_ran=True))
+
+    def _stopped(self, job: Job, before_it_ran: bool) -> tuple[str, ServerError]:
+        """How a build stopped by a client or by the server's own stop ends: state and reason."""
+        if self._stopping:
+            return "failed", ServerError(INTERRUPTED_QUEUED if before_it_ran else INTERRUPTED_RUNNING)
+        message = f"build {job.id} was cancelled by {job.cancelled_by or 'a client'}"
+        return "cancelled", ServerError(message + (" before it ran" if before_it_ran else ""))
+
+    async def _build(self, job: Job) -> BuildResult:
+        async with self.contexts.laid_out(job.context) as folder:
+            dockerfile = self.state.work / f"{job.id}.Dockerfile"
+            dockerfile.write_text(job.dockerfile, encoding="utf-8")
+            try:
+                options = BuildOptions.model_validate(
+                    job.options | {"context": str(folder), "dockerfile": str(dockerfile)}
+                )
+                drained = self.state.drain.load()
+                return await run_build(options, self.inventory, lambda e: self._on_event(job, e), drained)
+            finally:
+                dockerfile.unlink(missing_ok=True)
+
+    @staticmethod
+    def _as_farm_error(job: Job, exc: Exception) -> FarmError:
+        leaves = _leaves(exc)
+        errors = [leaf for leaf in leaves if isinstance(leaf, FarmError)]
+        if errors and len(errors) == len(leaves):
+            return errors[0]
+        log.error("build %s hit a bug in farm:\n%s", job.id, "".join(traceback.format_exception(exc)))
+        return ServerBugError(
+            f"internal error in farm serve while running build {job.id}: {type(exc).__name__}: {exc}",
+            hint="the server's log has the traceback; this is a bug, please report it",
+        )
+
+    def _end(
+        self, job: Job, state: str, error: FarmError | None = None, result: BuildResult | None = None
+    ) -> None:
+        """Record how a build ended: memory, metrics, history, and the last line of its stream."""
+        job.state = state
+        job.ended_at = time.time()
+        job.error, job.result = error, result
+        if state == "succeeded":
+            job.exit_code = 0
+        elif state == "partial":
+            job.exit_code = 3
+        elif state == "cancelled":
+            job.exit_code = 130
+        else:
+            job.exit_code = error.exit_code if error else 1
+        rows = self._close_platforms(job, state, error, result)
+        self.metrics.build_finished(
+            {"succeeded": "success", "partial": "partial", "cancelled": "cancelled"}.get(state, "failure")
+        )
+        if result is not None:
+            self.metrics.index_pushed(True)
+        elif job.started_at is not None and _index_push_failed(job, error):
+            self.metrics.index_pushed(False)
+        self.history.finish(
+            job.id,
+            state=state,
+            ended_at=job.ended_at,
+            platforms=rows,
+            exit_code=job.exit_code,
+            error=error_to_json(error) if error else None,
+            result=result_to_json(result) if result else None,
+        )
+        if result is not None:
+            job.emit({"type": "result", "result": result_to_json(result)})
+        else:
+            assert error is not None
+            job.emit({"type": "error", "error": error_to_json(error)})
+        job.done.set()
+        log.info("build %s %s%s", job.id, state, f": {error.message}" if error else "")
+        self._finished.append(job.id)
+        while len(self._finished) > _KEEP_FINISHED:
+            self.jobs.pop(self._finished.popleft(), None)
+
+    def _close_platforms(
+        self, job: Job, state: str, error: FarmError | None, result: BuildResult | None
+    ) -> list[PlatformRow]:
+        """Every platform's row for the history, and the metrics of attempts still open."""
+        rows: dict[str, PlatformRow] = {}
+        for item in result.platforms if result else ():
+            name = str(item.platform)
+            live = job.platforms.setdefault(name, LivePlatform(name))
+            live.node, live.mode, live.seconds = item.node, item.mode, item.seconds
+            live.state, live.digest = "reused" if item.reused else "success", item.digest
+            if item.reused:
+                self.metrics.platform_reused(name)
+            else:
+                self.metrics.platform_finished(name, item.mode, "success", item.seconds)
+                live.attempt_open = False
+            rows[name] = PlatformRow(
+                name, item.node, item.mode, item.seconds, item.digest, "reused" if item.reused else "success"
+            )
+        failures = error.failures if isinstance(error, BuildFailedError) else {}
+        missing = result.missing if result else {}
+        for name in job.platform_names:
+            live = job.platforms.setdefault(name, LivePlatform(name))
+            live.holding = None
+            if name in rows:
+                continue
+            if live.attempt_open:
+                if state == "cancelled" or self._stopping:
+                    outcome = "cancelled"
+                else:
+                    outcome = "success" if live.state == "verifying" else "failure"
+                self.metrics.platform_finished(name, live.mode or "native", outcome)
+                live.attempt_open = False
+            if name in missing:
+                why: str | None = missing[name]
+                kind = "missing"
+            elif name in failures:
+                why, kind = failures[name].message, "failure"
+            else:
+                why = error.message if error else None
+                kind = "cancelled" if state == "cancelled" else "failure"
+            live.state, live.error = kind, why
+            if live.started is not None and live.seconds is None:
+                live.seconds = time.monotonic() - live.started
+            rows[name] = PlatformRow(name, live.node, live.mode, live.seconds, None, kind, why)
+        return [rows[name] for name in job.platform_names if name in rows]
+
+    def _on_event(self, job: Job, event: PlatformEvent) -> None:
+        """One event of a running build: its stream, its platform, its node, the metrics."""
+        name = str(event.platform)
+        live = job.platforms.setdefault(name, LivePlatform(name))
+        node = event.node if event.node in self.nodes else None
+        state = event.state
+        if state == "log":
+            job.log_lines += 1
+            if job.log_lines > _MAX_LOG_LINES:
+                if job.log_lines == _MAX_LOG_LINES + 1:
+                    note = f"(farm serve keeps {_MAX_LOG_LINES} log lines per build; the rest is dropped)"
+                    dropped = PlatformEvent(event.platform, event.node, "log", note)
+                    job.emit({"type": "event", **event_to_json(dropped)})
+                return
+        if node is not None and state not in ("done", "waiting"):
+            self._heard_from(node)
+        if state != "log":
+            live.state = state
+        if state == "assigned":
+            live.node, live.holding, live.mode, live.seconds = node, node, None, None
+        elif state == "syncing":
+            self._count_sync(live, event.detail)
+        elif state == "building" and event.detail in ("native", "emulated"):
+            live.node, live.mode, live.started = event.node, event.detail, time.monotonic()
+            if not live.attempt_open:
+                live.attempt_open = True
+                self.metrics.platform_started(name, event.detail)
+            self.history.platform_started(job.id, name, event.node, event.detail)
+            if event.detail == "emulated":
+                self.metrics.emulation_fallback(name, self._fallback_reason(name))
+        elif state == "verifying":
+            live.holding = None
+            if live.started is not None:
+                live.seconds = time.monotonic() - live.started
+        elif state in ("failed", "retrying"):
+            live.holding = None
+            if live.attempt_open:
+                self.metrics.platform_finished(name, live.mode or "native", "failure")
+                live.attempt_open = False
+            if state == "retrying" and node is not None:
+                self._apply(node, "build_failed_node_fault")
+        elif state == "done":
+            live.node, live.holding = event.node, None
+        job.emit({"type": "event", **event_to_json(event)})
+
+    def _count_sync(self, live: LivePlatform, detail: str) -> None:
+        if offered := _OFFERED.fullmatch(detail):
+            live.offered = int(offered.group(2))
+        elif sent := _SENT.fullmatch(detail):
+            size = int(sent.group(2))
+            self.metrics.context_synced(size, max(0, live.offered - size))
+
+    def _fallback_reason(self, platform: str) -> str:
+        """Why a platform is emulated, from what the server knows of its nodes."""
+        native = [
+            status
+            for status in self.nodes.values()
+            if status.facts is not None and platform in {str(p) for p in _native_platforms(status.facts)}
+        ]
+        if not native:
+            return "no_native_node"
+        if any(status.health.state == "up" for status in native):
+            return "native_busy"
+        return "native_unavailable"
+
+    def _announce_positions(self) -> None:
+        """Tell each waiting build where it stands now, if that changed."""
+        for position, build_id in enumerate(self.queue.items()):
+            job = self.jobs[build_id]
+            if job.position != position:
+                job.position = position
+                job.emit({"type": "queued", "position": position})
+
+    # --- what clients read ------------------------------------------------------------------------------
+
+    def status(self, build_id: str) -> dict[str, Any]:
+        job = self.jobs.get(build_id)
+        if job is not None:
+            document = job.to_json()
+            if build_id in self.queue:
+                document["position"] = self.queue.position(build_id)
+            return document
+        return self._row(build_id).to_json()
+
+    def builds(self, limit: int) -> list[dict[str, Any]]:
+        """The latest builds, newest first; the ones in memory as they are now."""
+        rows = self.history.recent(limit)
+        return [self.jobs[row.id].to_json() if row.id in self.jobs else row.to_json() for row in rows]
+
+    def _row(self, build_id: str) -> BuildRow:
+        row = self.history.get(build_id)
+        if row is None:
+            raise ServerError(f"no build {build_id} on this server", status=404)
+        return row
+
+    async def follow(self, build_id: str, after: int = 0) -> AsyncIterator[dict[str, Any] | None]:
+        """The build's stream lines from ``after`` on, as they come; None now and then when idle."""
+        job = self.jobs.get(build_id)
+        if job is None:
+            row = self._row(build_id)
+            if row.result is not None:
+                yield {"type": "result", "result": row.result, "seq": 0}
+            else:
+                error = row.error_json or error_to_json(ServerError(row.error or f"the build {row.state}"))
+                yield {"type": "error", "error": error, "seq": 0}
+            return
+        index = max(0, after)
+        while True:
+            while index < len(job.lines):
+                yield job.lines[index]
+                index += 1
+            if job.done.is_set():
+                return
+            wake = job.wake
+            try:
+                async with asyncio.timeout(_PING_SECONDS):
+                    await wake.wait()
+            except TimeoutError:
+                yield None
+
+    # --- nodes ------------------------------------------------------------------------------------------
+
+    def node(self, name: str) -> NodeStatus:
+        status = self.nodes.get(name)
+        if status is None:
+            raise ServerError(f"no node named {name!r} in {self.inventory.source}", status=404)
+        return status
+
+    def set_drained(self, name: str, drained: bool) -> dict[str, Any]:
+        self.node(name)
+        self.state.drain.set(name, drained)
+        self._reconcile_drain()
+        return self.node_json(self.nodes[name])
+
+    def node_json(self, status: NodeStatus) -> dict[str, Any]:
+        now = time.monotonic()
+        age = status.heartbeat_age(now)
+        try:
+            emulated = sorted(str(p) for p in status.facts.emulated_platforms) if status.facts else []
+        except FarmError:
+            emulated = []
+        return {
+            "name": status.spec.name,
+            "address": "local" if status.spec.local else status.spec.host,
+            "state": status.health.state,
+            "platform": status.platform,
+            "emulates": emulated,
+            "slots": status.spec.slots,
+            "busy": self._busy().get(status.spec.name, 0),
+            "heartbeat_age": age,
+            "last_seen": None if age is None else time.time() - age,
+            "probed_at": status.probed_at,
+            "builder": status.builder or None,
+            "problem": status.problem,
+            "labels": dict(status.spec.labels),
+        }
+
+    def _busy(self) -> dict[str, int]:
+        busy: dict[str, int] = {}
+        for job in self.jobs.values():
+            if job.state != "running":
+                continue
+            for live in job.platforms.values():
+                if live.holding is not None:
+                    busy[live.holding] = busy.get(live.holding, 0) + 1
+        return busy
+
+    def snapshot(self) -> FarmSnapshot:
+        now = time.monotonic()
+        busy = self._busy()
+        return FarmSnapshot(
+            nodes=tuple(
+                NodeSnapshot(
+                    name=name,
+                    state=status.health.state,
+                    platform=status.platform,
+                    slots=status.spec.slots,
+                    busy=busy.get(name, 0),
+                    heartbeat_age=status.heartbeat_age(now),
+                )
+                for name, status in self.nodes.items()
+            ),
+            queue_length=len(self.queue),
+            builds_running=self._running,
+        )
+
+    def _heard_from(self, name: str) -> None:
+        self._apply(name, "heartbeat")
+
+    def _apply(self, name: str, event: Any) -> None:
+        status = self.nodes[name]
+        if status.health.accepts(event):
+            status.health = status.health.apply(event, time.monotonic())
+
+    def _reconcile_drain(self) -> None:
+        """Follow the drained list (changed by the API or by ``farm nodes drain`` alike)."""
+        try:
+            drained = self.state.drain.load()
+        except InputError as exc:
+            log.warning("%s", exc.message)
+            return
+        for name, status in self.nodes.items():
+            if name in drained and status.health.admin == "active":
+                self._apply(name, "drain")
+            elif name not in drained and status.health.admin == "draining":
+                self._apply(name, "undrain")
+
+    async def _probe_forever(self) -> None:
+        while True:
+            try:
+                await self.probe_nodes()
+            except Exception:  # a bug in probing must not take the builds down with it: say it, go on
+                log.exception("probing the nodes failed (a bug in farm; please report it)")
+            await asyncio.sleep(self.options.probe_interval)
+
+    async def probe_nodes(self) -> None:
+        """Probe every node not cordoned nor held back, concurrently; time SSH connections."""
+        self._reconcile_drain()
+        now = time.monotonic()
+        due = [status for status in self.nodes.values() if _due(status.health, now)]
+        if not due:
+            return
+        connections = None
+        if not all(status.spec.local for status in due):
+            from farm.transport.ssh import SshConnections  # asyncssh only when a node needs it
+
+            connections = SshConnections()
+        try:
+            async with asyncio.TaskGroup() as probes:
+                for status in due:
+                    probes.create_task(self._probe_one(status, connections))
+        finally:
+            if connections is not None:
+                await connections.close()
+
+    async def _probe_one(self, status: NodeStatus, connections: Any) -> None:
+        spec = status.spec
+        status.probed_at = time.time()
+        transport: Transport
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT):
+                if spec.local:
+                    transport = LocalTransport()
+                else:
+                    from farm.transport.ssh import SshTransport
+
+                    started = time.monotonic()
+                    try:
+                        await connections.connection(spec)
+                    except NodeError:
+                        self.metrics.ssh_failed(spec.name)
+                        raise
+                    self.metrics.ssh_connected(spec.name, time.monotonic() - started)
+                    transport = SshTransport(spec, connections)
+                node = Node(spec, transport, drained=status.health.admin == "draining")
+                await probe(node)
+        except FarmError as exc:
+            self._probed(status, None, "", exc.message)
+            return
+        except TimeoutError:
+            self._probed(status, None, "", f"{spec.name}: no answer to a probe within {_PROBE_TIMEOUT:.0f} s")
+            return
+        problem = node.problem.message if node.problem is not None else None
+        self._probed(status, node.facts, node.builder, problem)
+
+    def _probed(self, status: NodeStatus, facts: NodeFacts | None, builder: str, problem: str | None) -> None:
+        if facts is not None:
+            status.facts = facts
+        status.builder = builder or status.builder
+        status.problem = problem
+        self._apply(status.spec.name, "probe_failed" if problem or facts is None else "probe_passed")
+
+
+def _due(health: NodeHealth, now: float) -> bool:
+    """Probe it now? Not while cordoned, nor while held back after a failure."""
+    if health.admin == "cordoned":
+        return False
+    return health.health == "up" or health.back_at is None or now >= health.back_at
+
+
+def _native_platforms(facts: NodeFacts) -> frozenset[Any]:
+    try:
+        return facts.native_platforms
+    except FarmError:
+        return frozenset()
+
+
+def _index_push_failed(job: Job, error: FarmError | None) -> bool:
+    """A failure after every platform was built and verified: the index could not be pushed."""
+    if error is None or isinstance(error, BuildFailedError | ServerError):
+        return False
+    states = {name: job.platforms.get(name, LivePlatform(name)).state for name in job.platform_names}
+    return all(state in ("verifying", "done") for state in states.values())
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]

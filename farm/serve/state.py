@@ -1,0 +1,143 @@
+"""The server's state folder: its token, its lock, its build history, its content store.
+
+    STATE/token             the bearer token every request needs (0600; created at first start)
+    STATE/serve.lock        held while a server runs: two servers never share one folder
+    STATE/history.sqlite3   every build and platform (``history.History``)
+    STATE/drained.json      drained nodes, shared with ``farm nodes drain`` (``farm.nodes.DrainState``)
+    STATE/store/            contexts received from clients (``agent.store.ContentStore``)
+    STATE/layouts/          contexts laid out as folders for ``run_build``
+    STATE/work/             one folder per running build (its Dockerfile)
+
+Everything that can make the folder unusable is found here, at start, and said plainly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from agent.store import ContentStore
+from farm.errors import InputError
+from farm.nodes import DrainState
+from farm.serve.history import History
+
+__all__ = ["StateFolder", "open_state"]
+
+_TOKEN_BYTES = 32
+
+
+@dataclass
+class StateFolder:
+    root: Path
+    token: str
+    history: History
+    store: ContentStore
+    drain: DrainState
+    layouts: Path
+    work: Path
+    token_file: Path | None  # None: the token was given
+    _lock: IO[bytes]
+
+    def close(self) -> None:
+        self.history.close()
+        self._lock.close()  # releases the flock
+
+
+def open_state(root: Path, token: str | None = None) -> StateFolder:
+    """Open (creating if need be) the state folder; ``token`` given: use it instead of STATE/token."""
+    root = root.expanduser()
+    hint = "pass --state-dir with a folder this user can write, or fix its owner and permissions"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a folder")
+        # Prove it is writable here rather than halfway through the first build.
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise InputError(f"the state folder {root} is unusable: {_reason(exc)}", hint=hint) from exc
+    lock = _lock(root)
+    try:
+        given = token is not None
+        token = _check_token(token) if token is not None else _load_or_create_token(root / "token")
+        try:
+            store = ContentStore(str(root / "store"))
+            layouts = root / "layouts"
+            work = root / "work"
+            for folder in (layouts, work, root / "store" / "incoming"):
+                folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"the state folder {root} is unusable: {_reason(exc)}", hint=hint) from exc
+        history = History.open(root / "history.sqlite3")
+    except BaseException:
+        lock.close()
+        raise
+    token_file = None if given else root / "token"
+    return StateFolder(root, token, history, store, DrainState(root), layouts, work, token_file, lock)
+
+
+def _lock(root: Path) -> IO[bytes]:
+    path = root / "serve.lock"
+    try:
+        handle = path.open("ab")
+    except OSError as exc:
+        raise InputError(f"the state folder {root} is unusable: {_reason(exc)}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise InputError(
+            f"another farm serve is using the state folder {root}",
+            hint="stop it, or give this one its own --state-dir",
+        ) from None
+    return handle
+
+
+def _check_token(token: str) -> str:
+    token = token.strip()
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise InputError(
+            "the server token must be at least 16 characters without spaces",
+            hint="leave --token out and farm serve creates one in the state folder",
+        )
+    return token
+
+
+def _load_or_create_token(path: Path) -> str:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_token(path)
+    except OSError as exc:
+        raise InputError(f"cannot create the server token {path}: {_reason(exc)}") from exc
+    token = secrets.token_urlsafe(_TOKEN_BYTES)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token
+
+
+def _read_token(path: Path) -> str:
+    try:
+        info = path.stat()
+        text = path.read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read the server token {path}: {_reason(exc)}") from exc
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise InputError(
+            f"the server token {path} is readable by other users",
+            hint=f"chmod 600 {path}",
+        )
+    with contextlib.suppress(InputError):
+        return _check_token(text)
+    raise InputError(f"the server token {path} is empty or malformed", hint="remove it to get a new one")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
