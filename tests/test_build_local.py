@@ -269,3 +269,22 @@ def test_an_unchanged_rebuild_reuses_every_image_and_no_cache_builds_again(
     forced = lab.farm(*build, "--no-cache")
     assert forced.code == 0, forced.stderr
     assert forced.stderr.count("] assigned:") == 2
+
+
+def test_dry_run_explains_a_mixed_native_and_emulated_plan_and_builds_nothing(
+    tmp_path: Path, registry: lab.Registry, inventory: Path
+) -> None:
+    run = lab.farm(
+        "build", "--dry-run", "-t", f"{registry.host}/checks/dry:1", "--platform",
+        "linux/amd64,linux/arm64,linux/s390x", "--emulation", "deny=linux/s390x",
+        "--inventory", str(inventory), str(hello_context(tmp_path, registry)),
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split()[:3] == ["linux/amd64", "native", "local"]
+    assert "local runs linux/amd64 natively" in lines[0]
+    assert lines[1].split()[:3] == ["linux/arm64", "emulated", "local"]
+    assert "emulates linux/arm64 with QEMU: no node runs it natively" in lines[1]
+    assert lines[2].split()[:2] == ["linux/s390x", "FAILS"]
+    assert "emulation is denied for it" in lines[2]
+    assert registry.tags("checks/dry") == []
