@@ -31,7 +31,7 @@ docker_storage=${FARM_LAB_DOCKER_STORAGE:-vfs}
 packages=(
   qemu-user-static binfmt-support buildah skopeo docker-registry openssh-server docker.io
   debootstrap prometheus apache2-utils iproute2 python3-venv python3-pip curl
-  golang-github-opencontainers-image-spec-dev shellcheck systemd
+  golang-github-opencontainers-image-spec-dev shellcheck systemd chromium
 )
 # Debian architecture -> what we need from it; amd64 is native, the rest are foreign.
 foreign_archs=(arm64 armhf armel s390x ppc64el i386)

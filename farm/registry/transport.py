@@ -21,6 +21,7 @@ tests inject a clock and a ``sleep`` and never wait.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import ssl
 import time
@@ -190,17 +191,23 @@ class RetryTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def tls_verification(ca_file: str | Path | None) -> ssl.SSLContext | bool:
-    """What httpx's ``verify`` gets: the default trust store, plus ``ca_file`` if given."""
-    if ca_file is None:
-        return True
+def tls_verification(ca_file: str | Path | None) -> ssl.SSLContext:
+    """What httpx's ``verify`` gets: the default trust store, plus ``ca_file`` if given.
+
+    Made once per process and CA file: loading the trust store takes ~20 ms, which a server
+    running many short builds would otherwise pay on its event loop for every one.
+    """
+    return _tls_context(None if ca_file is None else str(ca_file))
+
+
+@functools.cache
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(cafile=str(ca_file))
+        return ssl.create_default_context(cafile=ca_file)
     except FileNotFoundError:
         raise InputError(f"CA file {ca_file} does not exist") from None
     except (ssl.SSLError, OSError) as exc:
         raise InputError(f"CA file {ca_file} is not a PEM certificate bundle: {exc}") from None
-    return context
 
 
 def build_transport(

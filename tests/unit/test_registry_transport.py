@@ -301,7 +301,10 @@ def test_success_at_first_is_passed_through_untouched() -> None:
 
 
 def test_tls_is_verified_by_default_and_a_ca_file_adds_to_it(tmp_path: Path) -> None:
-    assert tls_verification(None) is True
+    default = tls_verification(None)
+    assert default.verify_mode == ssl.CERT_REQUIRED
+    assert default.check_hostname
+    assert tls_verification(None) is default, "the trust store is loaded once per process"
     ca = _self_signed(tmp_path)
     context = tls_verification(ca)
     assert isinstance(context, ssl.SSLContext)
