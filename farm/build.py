@@ -48,7 +48,16 @@ from farm.scheduler import Decision, Fail, Mode, Policy, Request, affinity_key, 
 from farm.session import AgentSession, open_session
 from farm.stitch import Source, existing_children, push_index
 
-__all__ = ["BuildOptions", "BuildResult", "PlatformEvent", "PlatformResult", "dry_run", "run_build"]
+__all__ = [
+    "BuildOptions",
+    "BuildResult",
+    "PlatformEvent",
+    "PlatformResult",
+    "dry_run",
+    "parse_tags",
+    "read_dockerfile",
+    "run_build",
+]
 
 
 class BuildOptions(BaseModel):
@@ -142,9 +151,9 @@ async def run_build(
     on_event: EventSink,
     drained: frozenset[str] = frozenset(),
 ) -> BuildResult:
-    tags = _parse_tags(options.tags)
+    tags = parse_tags(options.tags)
     context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
-    dockerfile_text = _read_dockerfile(options)
+    dockerfile_text = read_dockerfile(options)
     async with open_nodes(inventory, drained) as nodes:
         return await _build(options, tags, context, dockerfile_text, nodes, on_event)
 
@@ -328,7 +337,8 @@ class _History:
             partial.replace(self.path)
 
 
-def _parse_tags(texts: tuple[str, ...]) -> list[Reference]:
+def parse_tags(texts: tuple[str, ...]) -> list[Reference]:
+    """The tags of a build; a digest is refused (farm computes it)."""
     tags = [parse_reference(text) for text in texts]
     for tag in tags:
         if tag.digest:
@@ -336,7 +346,7 @@ def _parse_tags(texts: tuple[str, ...]) -> list[Reference]:
     return tags
 
 
-def _read_dockerfile(options: BuildOptions) -> str:
+def read_dockerfile(options: BuildOptions) -> str:
     path = options.dockerfile or options.context / "Dockerfile"
     try:
         return path.read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ from farm.errors import BuildError, FarmError, InputError, NodeError, RegistryEr
 from farm.nodefacts import NodeFacts
 from farm.transport import AgentProcess, Transport
 
-__all__ = ["AgentSession", "open_session"]
+__all__ = ["AgentSession", "frame_blobs", "open_session"]
 
 _MARKER_SEARCH_LINES = 200
 _BATCH_BYTES = 4 * 1024 * 1024
@@ -63,7 +63,7 @@ class AgentSession:
 
     @staticmethod
     def _read_ahead(context: Context, batch: list[str]) -> asyncio.Task[bytes]:
-        return asyncio.create_task(asyncio.to_thread(_framed, context, batch))
+        return asyncio.create_task(asyncio.to_thread(frame_blobs, context, batch))
 
     async def build(
         self,
@@ -175,7 +175,8 @@ def _batches(digests: list[str], sizes: dict[str, int]) -> list[list[str]]:
     return batches
 
 
-def _framed(context: Context, digests: list[str]) -> bytes:
+def frame_blobs(context: Context, digests: list[str]) -> bytes:
+    """Blobs as agent-protocol frames, read (and checked) from the context."""
     parts = []
     for digest in digests:
         data = context.read_blob(digest)

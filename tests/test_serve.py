@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from farm.build import BuildOptions
 from farm.platforms import parse_platform
 from tests import lab
+from tests.test_cancel import processes_running
 
 pytestmark = pytest.mark.lab
 
@@ -127,21 +128,6 @@ def small_context(root: Path, registry: lab.Registry, text: str = "hello") -> Pa
     (root / "sub").mkdir()
     (root / "sub" / "data.bin").write_bytes(os.urandom(50_000))
     return root
-
-
-def processes_running(marker: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                text = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in text and state != "Z":
-            found.append(f"{pid}: {text}")
-    return found
 
 
 def build_id(stderr: str) -> str:

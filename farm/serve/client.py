@@ -21,13 +21,12 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent import protocol
-from farm.build import BuildOptions, BuildResult, PlatformEvent
+from farm.build import BuildOptions, BuildResult, PlatformEvent, parse_tags, read_dockerfile
 from farm.context import Context, StatCache, scan_context
-from farm.errors import ContextError, FarmError, InputError, ServerError
-from farm.registry.name import parse_reference
+from farm.errors import FarmError, ServerError
 from farm.scheduler import Decision
 from farm.serve.wire import decision_from_json, error_from_json, event_from_json, result_from_json
+from farm.session import frame_blobs
 
 __all__ = ["ServerClient", "ServerOptions", "read_token", "remote_build", "remote_plan"]
 
@@ -255,39 +254,10 @@ async def _frames(context: Context, digests: list[str]) -> AsyncIterator[bytes]:
         batch.append(digest)
         size += context.blob_sizes[digest]
         if size >= _BATCH_BYTES:
-            yield await asyncio.to_thread(_framed, context, batch)
+            yield await asyncio.to_thread(frame_blobs, context, batch)
             batch, size = [], 0
     if batch:
-        yield await asyncio.to_thread(_framed, context, batch)
-
-
-def _framed(context: Context, digests: list[str]) -> bytes:
-    parts = []
-    for digest in digests:
-        data = context.read_blob(digest)
-        parts += [protocol.encode("blob", digest=digest, size=len(data)), data]
-    return b"".join(parts)
-
-
-def _read_dockerfile(options: BuildOptions) -> str:
-    """The Dockerfile's text, read here: the server never sees this machine's files."""
-    path = options.dockerfile or options.context / "Dockerfile"
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ContextError(
-            f"Dockerfile {path} does not exist",
-            hint="pass -f PATH, or put a Dockerfile in the context folder",
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ContextError(f"cannot read Dockerfile {path}: {exc}") from exc
-
-
-def _check_tags(options: BuildOptions) -> None:
-    """The tags, refused here as a local build refuses them, before anything is sent."""
-    for text in options.tags:
-        if parse_reference(text).digest:
-            raise InputError(f"tag {text} names a digest", hint="tag with NAME:TAG; farm computes the digest")
+        yield await asyncio.to_thread(frame_blobs, context, batch)
 
 
 async def remote_build(
@@ -297,9 +267,9 @@ async def remote_build(
     on_note: Callable[[str], None],
 ) -> BuildResult:
     """Run ``options`` on the server; stream its events to ``on_event``; cancel it if cancelled."""
-    _check_tags(options)
+    parse_tags(options.tags)
     context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
-    dockerfile = _read_dockerfile(options)
+    dockerfile = read_dockerfile(options)
     async with ServerClient(server) as client:
         for attempt in range(_SUBMIT_TRIES):
             blobs, size = await client.sync_context(context)
@@ -329,6 +299,6 @@ async def remote_build(
 
 async def remote_plan(server: ServerOptions, options: BuildOptions) -> list[Decision]:
     """``farm build --dry-run --server``: where the server would build each platform now."""
-    _check_tags(options)
+    parse_tags(options.tags)
     async with ServerClient(server) as client:
         return await client.plan(options)
