@@ -3,6 +3,7 @@ loopback port, builds on the local node (buildah, QEMU), a real registry, SIGKIL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -98,9 +99,9 @@ def start_server(state: Path, inventory: Path, *options: str) -> Server:
     return Server(url, token_file.read_text().strip(), state, inventory, log, process)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("serve")
+@contextlib.contextmanager
+def serving_local_node(root: Path, node_workdir: Path) -> Iterator[Server]:
+    """A `farm serve` over an inventory of this machine, stopped (or killed) afterwards."""
     inventory = lab.write_inventory(root / "inventory.yaml", workdir=str(node_workdir))
     running = start_server(root / "state", inventory)
     try:
@@ -111,6 +112,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iter
             running.process.wait(60)
         except subprocess.TimeoutExpired:
             running.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iterator[Server]:
+    with serving_local_node(tmp_path_factory.mktemp("serve"), node_workdir) as running:
+        yield running
 
 
 def small_context(root: Path, registry: lab.Registry, text: str = "hello") -> Path:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests import lab
-from tests.test_serve import Server, small_context, start_server
+from tests.test_serve import Server, serving_local_node, small_context
 
 pytestmark = pytest.mark.lab
 
@@ -84,17 +84,8 @@ def prometheus_config(path: Path, server: Server) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("observed")
-    inventory = lab.write_inventory(root / "inventory.yaml", workdir=str(node_workdir))
-    running = start_server(root / "state", inventory)
-    try:
+    with serving_local_node(tmp_path_factory.mktemp("observed"), node_workdir) as running:
         yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(60)
-        except subprocess.TimeoutExpired:
-            running.kill()
 
 
 @pytest.fixture(scope="module")
