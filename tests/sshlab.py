@@ -567,7 +567,11 @@ class SshLab:
             )
             self.bridge = f"farmbr-{self.id}"
             self.host_address = f"{SUBNET_PREFIX}.{self.subnet}.1"
-            _ip("link", "add", self.bridge, "type", "bridge")
+            # A fixed address: a bridge otherwise takes the lowest of its ports' MACs, so removing one
+            # node's veth can change it, and frames the other nodes still send to the old MAC (the
+            # FIN of a session killed at teardown) are flooded to the ports, never delivered here.
+            bridge_mac = "02:fa:" + ":".join(self.id[i : i + 2] for i in range(0, 6, 2)) + ":01"
+            _ip("link", "add", self.bridge, "address", bridge_mac, "type", "bridge")
             self._bridge_made = True
             _ip("addr", "add", f"{self.host_address}/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
