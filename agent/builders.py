@@ -230,20 +230,23 @@ def storage_driver(workdir: str) -> str:
     """overlay where this node can mount it (root, a kernel and file system that allow it), else vfs.
 
     vfs copies the whole root file system at every step: several times slower, but it works
-    everywhere. The answer is probed once per workdir and remembered.
+    everywhere. The answer is probed once per workdir and remembered; concurrent first builds
+    (several slots, several agents) wait for one probe rather than race on its probe folder.
     """
     remembered = os.path.join(workdir, "storage", "driver")
-    try:
-        with open(remembered) as answer:
-            return answer.read().strip()
-    except FileNotFoundError:
-        pass
-    driver = "overlay" if _overlay_mounts(os.path.join(workdir, "storage")) else "vfs"
     os.makedirs(os.path.dirname(remembered), exist_ok=True)
-    with open(remembered + ".partial", "w") as answer:
-        answer.write(driver)
-    os.replace(remembered + ".partial", remembered)
-    return driver
+    with open(remembered + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(remembered) as answer:
+                return answer.read().strip()
+        except FileNotFoundError:
+            pass
+        driver = "overlay" if _overlay_mounts(os.path.join(workdir, "storage")) else "vfs"
+        with open(remembered + ".partial", "w") as answer:
+            answer.write(driver)
+        os.replace(remembered + ".partial", remembered)
+        return driver
 
 
 def _overlay_mounts(folder: str) -> bool:
