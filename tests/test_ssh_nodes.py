@@ -270,6 +270,42 @@ def test_the_arm64_box_is_probed_as_arm64_and_builds_natively(tmp_path: Path, ar
         assert [m["platform"] for m in index["manifests"]] == [{"architecture": "arm64", "os": "linux"}]  # type: ignore[index]
 
 
+def test_a_node_behind_a_bastion_is_reached_through_proxy_jump(tmp_path: Path) -> None:
+    """The hidden node lets in only connections from the bastion: farm reaches it through the
+    bastion, which it verifies and authenticates as it does the node itself."""
+    with sshlab.ssh_lab(tmp_path, count=2) as two:
+        bastion, hidden = two.nodes
+        with hidden.sshd_config.open("a") as config:
+            config.write(f"AllowUsers root@{bastion.address}\n")
+        hidden.restart_sshd()
+
+        def check(name: str, **fields: object) -> dict[str, object]:
+            inventory = lab.write_inventory(
+                tmp_path / f"{name}.yaml", **{**hidden.inventory_entry(), **fields}
+            )
+            run = lab.farm("nodes", "check", "--json", "--inventory", str(inventory))
+            (report,) = json.loads(run.stdout)
+            assert run.code == (0 if report["usable"] else 1), run.stderr
+            return report  # type: ignore[no-any-return]
+
+        direct = check("direct", local=False)
+        assert direct["usable"] is False
+        assert f"{hidden.address} refused our key" in str(direct["problem"])
+
+        jumped = check("jumped", local=False, proxy_jump=f"root@{bastion.address}")
+        assert jumped["usable"] is True, jumped["problem"]
+        assert f"Accepted publickey for root from {bastion.address} " in hidden.log_tail(100_000)
+
+        # Only the hidden node's key is trusted: the bastion's is not, so nothing goes through it.
+        only_hidden = tmp_path / "only_hidden_known_hosts"
+        only_hidden.write_text(hidden.known_hosts_line + "\n")
+        unverified = check("unverified", local=False, proxy_jump=f"root@{bastion.address}:22",
+                           known_hosts=str(only_hidden))  # fmt: skip
+        assert unverified["usable"] is False
+        assert f"the host key of {bastion.address} (SHA256:" in str(unverified["problem"])
+        assert "is not known" in str(unverified["problem"])
+
+
 def test_ssh_config_host_aliases_users_and_keys_are_honoured(tmp_path: Path, three: sshlab.SshLab) -> None:
     """An inventory naming only a ~/.ssh/config alias reaches the node as that config says."""
     node = three.nodes[0]

@@ -9,7 +9,8 @@
   naming the host and both fingerprints.
 * Zero install: a stage-one script of a few lines, run by the node's ``python3``, executes the
   agent cached in the node's workdir under its sha256, or first receives it on stdin.
-* ``~/.ssh/config`` is honoured (host aliases, ProxyJump, IdentityFile, Port, User).
+* ``~/.ssh/config`` is honoured (host aliases, ProxyJump, IdentityFile, Port, User). An inventory's
+  ``proxy_jump`` bastions are connected by farm itself, verified and authenticated as the node is.
 """
 
 from __future__ import annotations
@@ -230,9 +231,33 @@ def _options(spec: NodeSpec) -> dict[str, Any]:
         options["username"] = spec.user
     if spec.identity_file:
         options["client_keys"] = [str(spec.identity_file.expanduser())]
-    if spec.proxy_jump:
-        options["tunnel"] = spec.proxy_jump
     return options
+
+
+@dataclass(frozen=True)
+class JumpHop:
+    """One bastion of ``proxy_jump``, as ``ssh -J`` spells it: ``[user@]host[:port]``."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+
+
+def jump_hops(spec: NodeSpec) -> list[JumpHop]:
+    """The bastions of ``spec.proxy_jump`` in the order they are passed through (comma-separated)."""
+    if not spec.proxy_jump:
+        return []
+    hops = []
+    for text in spec.proxy_jump.split(","):
+        user, _, address = text.strip().rpartition("@")
+        host, _, port_text = address.partition(":")
+        if not host or (port_text and not port_text.isdigit()):
+            raise NodeError(
+                f"{spec.name}: proxy_jump {spec.proxy_jump!r}: {text.strip()!r} is not [user@]host[:port]",
+                node=spec.name,
+            )
+        hops.append(JumpHop(host, int(port_text) if port_text else None, user or None))
+    return hops
 
 
 def _trusted_files(spec: NodeSpec, farm_known_hosts: Path) -> list[str]:
@@ -242,52 +267,100 @@ def _trusted_files(spec: NodeSpec, farm_known_hosts: Path) -> list[str]:
 
 
 async def connect(spec: NodeSpec, farm_known_hosts: Path = FARM_KNOWN_HOSTS) -> asyncssh.SSHClientConnection:
-    """Connect to a node, verifying its host key; every failure becomes a ``NodeError``."""
+    """Connect to a node, through its bastions if it has any, verifying every host key; every
+    failure becomes a ``NodeError``."""
     assert spec.host is not None
     files = _trusted_files(spec, farm_known_hosts)
+    tunnel = await _open_jumps(spec, files)
+    return await _handshake(spec, spec.host, _options(spec), files, tunnel)
+
+
+async def _open_jumps(spec: NodeSpec, files: Sequence[str]) -> asyncssh.SSHClientConnection | None:
+    """The node's bastions, connected one through the other. Each is verified against the node's
+    known_hosts files and offered the node's key: asyncssh's own reading of a jump string would
+    trust ~/.ssh/known_hosts alone and offer only the default keys. ``None`` without bastions
+    (asyncssh then follows a ProxyJump of ~/.ssh/config itself, as ssh does)."""
+    tunnel = None
+    for hop in jump_hops(spec):
+        options = {key: value for key, value in _options(spec).items() if key not in ("port", "username")}
+        if hop.port is not None:
+            options["port"] = hop.port
+        if hop.user is not None:
+            options["username"] = hop.user
+        tunnel = await _handshake(spec, hop.host, options, files, tunnel)
+    return tunnel
+
+
+async def _handshake(
+    spec: NodeSpec,
+    host: str,
+    options: dict[str, Any],
+    files: Sequence[str],
+    tunnel: asyncssh.SSHClientConnection | None,
+) -> asyncssh.SSHClientConnection:
+    """One SSH connection to ``host`` (the node or one of its bastions), over ``tunnel`` if given;
+    the tunnel is closed with it, or at once if it fails."""
     client = _VerifyingClient()
     try:
         connection, _ = await asyncssh.create_connection(
             lambda: client,
-            spec.host,
-            known_hosts=asyncssh.read_known_hosts(files) if files else ([], [], []),
-            **_options(spec),
+            host,
+            known_hosts=asyncssh.read_known_hosts(list(files)) if files else ([], [], []),
+            tunnel=tunnel or (),
+            **options,
         )
-        return connection
-    except asyncssh.HostKeyNotVerifiable as exc:
-        raise _host_key_error(spec, files, client.presented) from exc
-    except asyncssh.PermissionDenied as exc:
-        raise NodeError(
-            f"{spec.name}: {spec.host} refused our key ({exc.reason})",
+    except BaseException as exc:
+        if tunnel is not None:
+            tunnel.close()
+        raise _connect_error(spec, host, options.get("port", 22), files, client.presented, exc) from exc
+    connection.set_tunnel(tunnel)  # as asyncssh does for the tunnels it opens: closed with this one
+    return connection
+
+
+def _connect_error(
+    spec: NodeSpec,
+    host: str,
+    port: int,
+    files: Sequence[str],
+    presented: asyncssh.SSHKey | None,
+    exc: BaseException,
+) -> BaseException:
+    via = "" if host == spec.host else " (its jump host)"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return _host_key_error(spec, host, port, files, presented)
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return NodeError(
+            f"{spec.name}: {host}{via} refused our key ({exc.reason})",
             node=spec.name,
             hint="check 'user' and 'identity_file' for this node, and the node's authorized_keys",
-        ) from exc
-    except (OSError, asyncssh.Error, TimeoutError) as exc:
-        raise NodeError(
-            f"{spec.name}: cannot connect to {spec.host}: {exc or type(exc).__name__}",
+        )
+    if isinstance(exc, (OSError, asyncssh.Error, TimeoutError)):
+        return NodeError(
+            f"{spec.name}: cannot connect to {host}{via}: {exc or type(exc).__name__}",
             node=spec.name,
             retryable=True,
-        ) from exc
+        )
+    return exc
 
 
-def _host_key_error(spec: NodeSpec, files: Sequence[str], presented: asyncssh.SSHKey | None) -> NodeError:
-    assert spec.host is not None
-    port = spec.port or 22
+def _host_key_error(
+    spec: NodeSpec, host: str, port: int, files: Sequence[str], presented: asyncssh.SSHKey | None
+) -> NodeError:
     offered = presented.get_fingerprint("sha256") if presented else "unknown"
     known = []
     if files:
-        trusted, _, _, _, _, _, _ = asyncssh.read_known_hosts(list(files)).match(spec.host, "", port)
+        trusted, _, _, _, _, _, _ = asyncssh.read_known_hosts(list(files)).match(host, "", port)
         known = [key.get_fingerprint("sha256") for key in trusted]
     if known:
         return NodeError(
-            f"{spec.name}: the host key of {spec.host} has CHANGED: it presents {offered}, "
+            f"{spec.name}: the host key of {host} has CHANGED: it presents {offered}, "
             f"known is {', '.join(known)}; refusing to connect",
             node=spec.name,
             hint="if the node was re-installed, remove its old line from known_hosts and run "
             "'farm nodes add' again; otherwise someone may be impersonating it",
         )
     return NodeError(
-        f"{spec.name}: the host key of {spec.host} ({offered}) is not known",
+        f"{spec.name}: the host key of {host} ({offered}) is not known",
         node=spec.name,
         hint=f"pin it with 'farm nodes add' (it writes {FARM_KNOWN_HOSTS}), or add it to the "
         "node's known_hosts file",
@@ -297,13 +370,17 @@ def _host_key_error(spec: NodeSpec, files: Sequence[str], presented: asyncssh.SS
 async def fetch_host_key(spec: NodeSpec) -> HostKey:
     """The key a host presents, without trusting it (for ``farm nodes add`` to show and pin)."""
     assert spec.host is not None
-    options = _options(spec)
-    port = options.pop("port", 22)
+    port = spec.port or 22
+    # The bastions are trusted already: a key pinned through an unverified one would prove nothing.
+    tunnel = await _open_jumps(spec, _trusted_files(spec, FARM_KNOWN_HOSTS))
     try:
         async with asyncio.timeout(15):
-            key = await asyncssh.get_server_host_key(spec.host, port, tunnel=options.get("tunnel", ()))
+            key = await asyncssh.get_server_host_key(spec.host, port, tunnel=tunnel or ())
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise NodeError(f"{spec.name}: cannot reach {spec.host}: {exc}", node=spec.name) from exc
+    finally:
+        if tunnel is not None:
+            tunnel.close()
     if key is None:
         raise NodeError(f"{spec.name}: {spec.host} presented no host key", node=spec.name)
     return HostKey(_known_hosts_name(spec.host, port), key)
