@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import ssl
-import subprocess
 import threading
 import time
 import uuid
@@ -25,7 +23,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
@@ -35,58 +32,6 @@ from tests.certs import KeyPair, self_signed
 SERVICE = "farm-test-registry"
 ISSUER = "farm-test-issuer"
 LEEWAY = 60  # distribution's clock-skew allowance on exp and nbf
-
-
-@contextlib.contextmanager
-def running_registry_with(
-    workdir: Path, extra_config: str, *, tls: KeyPair | None = None
-) -> Iterator[lab.Registry]:
-    """A distribution registry on a free loopback port with ``extra_config`` (YAML lines) added,
-    serving HTTPS with ``tls``'s certificate if given."""
-    port = lab.free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    data = workdir / "data"
-    config = workdir / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log: {level: warn}\n"
-        f"storage: {{filesystem: {{rootdirectory: {data}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: '127.0.0.1:{port}'{_tls_config(tls)}}}\n" + extra_config
-    )
-    log_path = workdir / "registry.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
-    registry = lab.Registry(f"127.0.0.1:{port}", data)
-    url = f"{'https' if tls else 'http'}://{registry.host}/v2/"
-    verify = ssl.create_default_context(cafile=str(tls.cert_path)) if tls else True
-    try:
-        lab.wait_until(
-            lambda: _answers(url, verify) or process.poll() is not None,
-            f"registry start on 127.0.0.1:{port}",
-        )
-        if process.poll() is not None:
-            raise lab.LabError(f"the registry exited: {log_path.read_text()[-2000:]}")
-        yield registry
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-
-
-def _tls_config(tls: KeyPair | None) -> str:
-    return f", tls: {{certificate: {tls.cert_path}, key: {tls.key_path}}}" if tls else ""
-
-
-def _answers(url: str, verify: ssl.SSLContext | bool) -> bool:
-    """Any HTTP answer counts: a registry with auth answers 401."""
-    try:
-        httpx.get(url, timeout=1, verify=verify)
-    except httpx.HTTPError:
-        return False
-    return True
 
 
 def htpasswd_config(workdir: Path, users: dict[str, str]) -> str:

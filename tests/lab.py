@@ -13,14 +13,19 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from tests.certs import KeyPair
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_STATE = Path(os.environ.get("FARM_LAB_STATE", REPO / ".lab"))
@@ -64,10 +69,14 @@ class Registry:
     process: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        """Take the registry down (a fault to inject); the fixture's teardown copes."""
+        """Take the registry down (a fault to inject; also the fixture's teardown)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
 
     def url(self, path: str) -> str:
         return f"http://{self.host}{path}"
@@ -86,11 +95,37 @@ class Registry:
         return document
 
 
+class Recording(httpx.AsyncBaseTransport):
+    """httpx's transport, noting every exchange under the auth layer."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.exchanges: list[tuple[str, str, int, str]] = []  # method, path, status, auth scheme
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        scheme = request.headers.get("authorization", "").partition(" ")[0]
+        self.exchanges.append((request.method, request.url.path, response.status_code, scheme))
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @contextlib.contextmanager
-def running_registry(workdir: Path, address: str = "127.0.0.1", *, seed: bool = True) -> Iterator[Registry]:
+def running_registry(
+    workdir: Path,
+    address: str = "127.0.0.1",
+    *,
+    seed: bool = True,
+    extra_config: str = "",
+    tls: KeyPair | None = None,
+) -> Iterator[Registry]:
     """A CNCF distribution registry on a free port of ``address``, its data under ``workdir``.
 
     With ``seed``, it holds ``library/busybox:latest`` (the multi-platform base from setup.sh).
+    ``extra_config`` adds YAML lines to its config (auth, say: seed it then with credentials);
+    with ``tls`` it serves HTTPS with that certificate.
     """
     if seed and not BUSYBOX_LAYOUT.exists():
         raise LabError(f"no busybox base image at {BUSYBOX_LAYOUT}; {SETUP_HINT}")
@@ -100,19 +135,22 @@ def running_registry(workdir: Path, address: str = "127.0.0.1", *, seed: bool = 
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "data"
     config = workdir / "config.yml"
+    serve_tls = f", tls: {{certificate: {tls.cert_path}, key: {tls.key_path}}}" if tls else ""
     config.write_text(
         "version: 0.1\n"
         "log: {level: warn}\n"
         f"storage: {{filesystem: {{rootdirectory: {data}}}, delete: {{enabled: true}}}}\n"
-        f"http: {{addr: '{address}:{port}'}}\n"
+        f"http: {{addr: '{address}:{port}'{serve_tls}}}\n" + extra_config
     )
     log_path = workdir / "registry.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log)
     registry = Registry(f"{address}:{port}", data, process)
+    url = f"{'https' if tls else 'http'}://{registry.host}/v2/"
+    verify = ssl.create_default_context(cafile=str(tls.cert_path)) if tls else True
     try:
         wait_until(
-            lambda: _answers(registry.url("/v2/")) or process.poll() is not None,
+            lambda: _answers(url, verify) or process.poll() is not None,
             f"registry start on {address}:{port}",
         )
         if process.poll() is not None:
@@ -126,19 +164,16 @@ def running_registry(workdir: Path, address: str = "127.0.0.1", *, seed: bool = 
             )  # fmt: skip
         yield registry
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        registry.stop()
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, verify: ssl.SSLContext | bool) -> bool:
+    """Any HTTP answer counts: a registry with auth answers 401."""
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        httpx.get(url, timeout=1, verify=verify)
     except httpx.HTTPError:
         return False
+    return True
 
 
 def run(

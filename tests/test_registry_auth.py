@@ -33,23 +33,6 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
-class Recording(httpx.AsyncBaseTransport):
-    """httpx's transport, noting every exchange under the auth layer."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.exchanges: list[tuple[str, str, int, str]] = []  # method, path, status, auth scheme
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        scheme = request.headers.get("authorization", "").partition(" ")[0]
-        self.exchanges.append((request.method, request.url.path, response.status_code, scheme))
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 @pytest.fixture
 def docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty ``$DOCKER_CONFIG`` for this test, and a bin folder first on PATH for helpers."""
@@ -102,7 +85,7 @@ async def push_and_read(registry: lab.Registry, repository: str, tag: str) -> st
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.Registry]:
     workdir = tmp_path_factory.mktemp("basic-registry")
     config = authlab.htpasswd_config(workdir, {"alice": PASSWORD, "bob": "bobs password"})
-    with authlab.running_registry_with(workdir, config) as registry:
+    with lab.running_registry(workdir, seed=False, extra_config=config) as registry:
         authlab.seed_busybox(registry, "alice", PASSWORD)
         yield registry
 
@@ -236,7 +219,7 @@ def token_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[lab.Re
     users = {"alice": PASSWORD, "reader": "reads only"}
     with authlab.running_token_server(workdir / "tokens", users=users, acl=_acl) as server:
         config = authlab.token_config(server.realm, server.keys.cert_path)
-        with authlab.running_registry_with(workdir / "registry", config) as registry:
+        with lab.running_registry(workdir / "registry", seed=False, extra_config=config) as registry:
             authlab.seed_busybox(registry, "alice", PASSWORD)
             yield registry, server
 
@@ -294,7 +277,7 @@ def test_a_token_the_registry_stops_taking_is_replaced(
 ) -> None:
     registry, server = tokens
     server.lifetime, server.expires_in = 2, 300  # the token says 5 minutes, the registry takes it for 2 s
-    recording = Recording()
+    recording = lab.Recording()
     ref = parse_reference(f"{registry.host}/library/busybox:latest")
 
     async def push_twice() -> None:
@@ -320,7 +303,7 @@ def test_a_short_expires_in_is_refreshed_before_the_registry_refuses(
 ) -> None:
     registry, server = tokens
     server.lifetime, server.expires_in = 2, 2
-    recording = Recording()
+    recording = lab.Recording()
     ref = parse_reference(f"{registry.host}/library/busybox:latest")
 
     async def push_twice() -> None:
@@ -431,7 +414,7 @@ def test_an_identity_token_from_a_helper(tokens: Lab, docker_config: Path) -> No
 def test_a_private_ca_is_trusted_only_when_given(tmp_path: Path) -> None:
     # farm speaks plain HTTP to loopback registries, so this checks the transport the client builds.
     keys = self_signed(tmp_path / "tls", "farm test registry", hosts=("127.0.0.1",))
-    with authlab.running_registry_with(tmp_path / "registry", "", tls=keys) as registry:
+    with lab.running_registry(tmp_path / "registry", seed=False, tls=keys) as registry:
         url = f"https://{registry.host}/v2/"
 
         async def get(transport: httpx.AsyncBaseTransport) -> int:

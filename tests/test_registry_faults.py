@@ -297,7 +297,7 @@ def test_an_unreachable_registry_is_given_up_on_in_bounded_time() -> None:
 
 def test_retries_happen_under_auth(tmp_path: Path) -> None:
     config = authlab.htpasswd_config(tmp_path, {"alice": "pw"})
-    with authlab.running_registry_with(tmp_path / "registry", config) as registry:
+    with lab.running_registry(tmp_path / "registry", seed=False, extra_config=config) as registry:
         authlab.seed_busybox(registry, "alice", "pw")
         with FaultProxy(registry.host).running() as faulty:
             faulty.inject("PUT", "/manifests/", 2, 502)
