@@ -20,13 +20,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from farm import mediatypes
 from farm.context import Context, StatCache, scan_context
-from farm.dispatch import Dispatch, Outcome, initial_health, node_views
 from farm.dockerfile import BaseImage, parse_stages, pin_bases
 from farm.errors import (
     BuildFailedError,
@@ -38,15 +37,20 @@ from farm.errors import (
 )
 from farm.index import Descriptor
 from farm.inventory import Inventory
-from farm.nodes import Node, open_nodes, probe
 from farm.paths import CACHE_DIR
 from farm.platforms import Platform, normalize, parse_platform
-from farm.registry.client import RegistryClient
+from farm.registry.client import Manifest, RegistryClient
 from farm.registry.name import Reference, parse_reference
 from farm.registry.verify import LayerScan, verify_image
 from farm.scheduler import Decision, Fail, Mode, Policy, Request, affinity_key, plan
-from farm.session import AgentSession, open_session
 from farm.stitch import Source, existing_children, push_index
+
+# farm.dispatch, farm.nodes and farm.session are imported where a build reaches its nodes: an
+# unchanged rebuild (every platform reused) never does, and its start-up is most of its time.
+if TYPE_CHECKING:
+    from farm.dispatch import Outcome
+    from farm.nodes import Node
+    from farm.session import AgentSession
 
 __all__ = [
     "BuildOptions",
@@ -154,8 +158,7 @@ async def run_build(
     tags = parse_tags(options.tags)
     context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
     dockerfile_text = read_dockerfile(options)
-    async with open_nodes(inventory, drained) as nodes:
-        return await _build(options, tags, context, dockerfile_text, nodes, on_event)
+    return await _build(options, tags, context, dockerfile_text, inventory, drained, on_event)
 
 
 async def _build(
@@ -163,7 +166,8 @@ async def _build(
     tags: list[Reference],
     context: Context,
     dockerfile_text: str,
-    nodes: list[Node],
+    inventory: Inventory,
+    drained: frozenset[str],
     on_event: EventSink,
 ) -> BuildResult:
     target = tags[0]
@@ -174,33 +178,37 @@ async def _build(
         keys = {p: _build_key(context, await pins.dockerfile(p, p), options, p) for p in options.platforms}
         reused = {} if options.no_cache else await _reusable(client, target, records, keys, on_event)
         wanted = [platform for platform in options.platforms if platform not in reused]
-        outcome = Outcome()
+        built: dict[Platform, PlatformResult] = {}
+        failures: dict[Platform, FarmError] = {}
         scans: dict[str, LayerScan] = {}
         if wanted:
             outcome = await _dispatch(
-                client, wanted, nodes, pins, context, dockerfile_text, options, target, scans, on_event
-            )
-        built = {platform: cast(PlatformResult, result) for platform, result in outcome.results.items()}
+                client, wanted, inventory, drained, pins, context, dockerfile_text, options, target, scans,
+                on_event,
+            )  # fmt: skip
+            built = {platform: cast(PlatformResult, result) for platform, result in outcome.results.items()}
+            failures = outcome.failures
         for platform, result in built.items():
             records.entries[keys[platform]] = result.record(target)
         records.save()
         results = [reused.get(p) or built[p] for p in options.platforms if p in reused or p in built]
-        if outcome.failures and not (options.allow_partial and results):
-            raise BuildFailedError({str(p): error for p, error in outcome.failures.items()})
+        if failures and not (options.allow_partial and results):
+            raise BuildFailedError({str(p): error for p, error in failures.items()})
         children = tuple(Descriptor(r.media_type, r.digest, r.size, r.platform) for r in results)
         base = await existing_children(client, target) if options.append else []
         index = await push_index(
             client, tags, [Source(target, children)], base=base, base_repository=target,
             annotations=options.annotations or None, scans=scans,
         )  # fmt: skip
-    missing = {str(p): error.message for p, error in outcome.failures.items()}
+    missing = {str(p): error.message for p, error in failures.items()}
     return BuildResult(tuple(tags), index.digest, index.media_type, index.size, tuple(results), missing)
 
 
 async def _dispatch(
     client: RegistryClient,
     platforms: list[Platform],
-    nodes: list[Node],
+    inventory: Inventory,
+    drained: frozenset[str],
     pins: _Pins,
     context: Context,
     dockerfile_text: str,
@@ -209,13 +217,9 @@ async def _dispatch(
     scans: dict[str, LayerScan],
     on_event: EventSink,
 ) -> Outcome:
-    """Probe the nodes and build ``platforms`` on them, failing over as needed."""
-    await asyncio.gather(*(probe(node) for node in nodes))
-    _require_a_usable_node(nodes)
-    if not options.allow_partial:
-        _refuse_what_cannot_be_placed(options, platforms, nodes)
-    history = _History.load()
-    affinity = _affinity(context, dockerfile_text, options)
+    """Open and probe the inventory's nodes and build ``platforms`` on them, failing over as needed."""
+    from farm.dispatch import Dispatch
+    from farm.nodes import open_nodes, probe
 
     async def run(platform: Platform, node: Node, mode: Mode, reason: str) -> PlatformResult:
         assert node.facts is not None
@@ -227,9 +231,16 @@ async def _dispatch(
     def report(platform: Platform, node: str, state: str, detail: str) -> None:
         on_event(PlatformEvent(platform, node, state, detail))
 
-    outcome = await Dispatch(nodes, options.policy, history.entries, options.retries, run, report).run(
-        platforms, affinity
-    )
+    async with open_nodes(inventory, drained) as nodes:
+        await asyncio.gather(*(probe(node) for node in nodes))
+        _require_a_usable_node(nodes)
+        if not options.allow_partial:
+            _refuse_what_cannot_be_placed(options, platforms, nodes)
+        history = _History.load()
+        affinity = _affinity(context, dockerfile_text, options)
+        outcome = await Dispatch(nodes, options.policy, history.entries, options.retries, run, report).run(
+            platforms, affinity
+        )
     for platform, result in outcome.results.items():
         history.entries[(affinity, platform)] = cast(PlatformResult, result).node
     history.save()
@@ -374,6 +385,8 @@ def _refuse_what_cannot_be_placed(
     options: BuildOptions, platforms: list[Platform], nodes: list[Node]
 ) -> None:
     """Before building anything: a platform no node could ever take fails the build now."""
+    from farm.dispatch import initial_health, node_views
+
     now = time.monotonic()
     health = {node.name: initial_health(node, now) for node in nodes}
     requests = [Request(platform, waiting_since=now) for platform in platforms]
@@ -389,12 +402,14 @@ def _refuse_what_cannot_be_placed(
 
 
 class _Pins:
-    """Each platform's Dockerfile with its bases pinned, resolved once per base and platform."""
+    """Each platform's Dockerfile with its bases pinned: a base's manifest is fetched once, and
+    resolved once per platform."""
 
     def __init__(self, client: RegistryClient, text: str, options: BuildOptions) -> None:
         self._client = client
         self._text = text
         self._options = options
+        self._manifests: dict[Reference, asyncio.Task[Manifest]] = {}
         self._digests: dict[BaseImage, asyncio.Task[str]] = {}
 
     async def dockerfile(self, target: Platform, build: Platform) -> str:
@@ -402,19 +417,25 @@ class _Pins:
         bases = [stage.base for stage in stages if stage.base is not None]
         for base in bases:
             if base not in self._digests:
-                self._digests[base] = asyncio.ensure_future(_resolve_base(self._client, base))
+                self._digests[base] = asyncio.ensure_future(self._resolve(base))
         digests = {base: await self._digests[base] for base in bases}
         return pin_bases(self._text, stages, digests)
 
+    async def _resolve(self, base: BaseImage) -> str:
+        if base.reference not in self._manifests:
+            self._manifests[base.reference] = asyncio.ensure_future(_fetch_base(self._client, base.reference))
+        return await _resolve_base(self._client, base, await self._manifests[base.reference])
 
-async def _resolve_base(client: RegistryClient, base: BaseImage) -> str:
-    """The digest of ``base``'s image for its platform, looked up once for every node."""
+
+async def _fetch_base(client: RegistryClient, reference: Reference) -> Manifest:
     try:
-        manifest = await client.get_manifest(base.reference)
+        return await client.get_manifest(reference)
     except RegistryError as exc:
-        raise RegistryError(
-            f"cannot resolve base image {base.reference}: {exc.message}", hint=exc.hint
-        ) from exc
+        raise RegistryError(f"cannot resolve base image {reference}: {exc.message}", hint=exc.hint) from exc
+
+
+async def _resolve_base(client: RegistryClient, base: BaseImage, manifest: Manifest) -> str:
+    """The digest of ``base``'s image for its platform, looked up once for every node."""
     document = manifest.json()
     if manifest.media_type in mediatypes.INDEX_TYPES:
         offered = []
@@ -457,6 +478,8 @@ async def _build_platform(
     scans: dict[str, LayerScan],
     on_event: EventSink,
 ) -> PlatformResult:
+    from farm.session import open_session
+
     name = node.spec.name
     assert node.facts is not None
     started = time.monotonic()
@@ -540,6 +563,9 @@ def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:
 
 async def dry_run(options: BuildOptions, inventory: Inventory, drained: frozenset[str]) -> list[Decision]:
     """What ``farm build`` would do now, and why, for every platform; nothing is built."""
+    from farm.dispatch import initial_health, node_views
+    from farm.nodes import open_nodes, probe
+
     async with open_nodes(inventory, drained) as nodes:
         await asyncio.gather(*(probe(node) for node in nodes))
         _require_a_usable_node(nodes)

@@ -16,23 +16,22 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
-from pydantic import ValidationError
 
-from farm.build import BuildOptions, BuildResult, run_build
-from farm.build import dry_run as plan_build
 from farm.errors import BuildError, BuildFailedError, FarmError, InputError
-from farm.imagetools import create_index, inspect
-from farm.inventory import Inventory, NodeSpec, append_node, load_inventory, remove_node
-from farm.nodes import DrainState, Node, check_nodes
 from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
-from farm.platforms import Platform, parse_platform_list, platform_from_machine
-from farm.progress import make_progress
-from farm.registry.name import parse_reference
-from farm.scheduler import Assign, Decision, Wait, parse_duration, parse_policy
-from farm.serve import ServerOptions, read_token, remote_build, remote_plan
+
+# Each command imports what only it needs: the process is started for one command, and its
+# start-up is most of the time of a quick one (an unchanged rebuild, an imagetools create).
+if TYPE_CHECKING:
+    from farm.build import BuildResult
+    from farm.inventory import NodeSpec
+    from farm.nodes import Node
+    from farm.platforms import Platform
+    from farm.scheduler import Decision
+    from farm.serve import ServerOptions
 
 __all__ = ["main"]
 
@@ -188,6 +187,13 @@ def build(
     Exit status: 0 pushed; 1 failed, nothing tagged; 2 bad input; 3 (--allow-partial) pushed
     without the platforms listed as missing.
     """
+    from farm.build import BuildOptions, run_build
+    from farm.build import dry_run as plan_build
+    from farm.drain import DrainState
+    from farm.inventory import load_inventory
+    from farm.platforms import parse_platform_list
+    from farm.progress import make_progress
+    from farm.scheduler import parse_policy
 
     def parse() -> BuildOptions:
         return BuildOptions(
@@ -208,6 +214,8 @@ def build(
 
     options = _guard(ctx, parse)
     if server:  # --- farm serve: the server builds, with its own inventory and queue ---
+        from farm.serve import remote_build, remote_plan
+
         remote = _guard(ctx, lambda: _server_options(ctx, server, server_token, state_dir))
         if dry_run:
             for decision in _guard(ctx, lambda: _run(remote_plan(remote, options))):
@@ -289,6 +297,9 @@ def serve(
 
     Stops cleanly on SIGTERM or Ctrl-C: what runs is stopped on every node, what waits fails.
     """
+    from pydantic import ValidationError
+
+    from farm.scheduler import parse_duration
     from farm.serve.app import ServeOptions, serve  # aiohttp and prometheus-client only here
     from farm.serve.coordinator import CoordinatorOptions
 
@@ -324,6 +335,8 @@ def serve(
 
 
 def _server_options(ctx: click.Context, url: str, token: str | None, state_dir: Path) -> ServerOptions:
+    from farm.serve import ServerOptions, read_token
+
     if ctx.get_parameter_source("inventory") == click.core.ParameterSource.COMMANDLINE:
         raise InputError("--inventory has no effect with --server", hint="the server builds on its own nodes")
     if not url.startswith(("http://", "https://")):
@@ -354,6 +367,9 @@ def nodes() -> None:
 @click.pass_context
 def nodes_ls(ctx: click.Context, inventory: Path | None, state_dir: Path, as_json: bool) -> None:
     """List the inventory's nodes as configured (no connection is made)."""
+    from farm.drain import DrainState
+    from farm.inventory import load_inventory
+
     loaded = _guard(ctx, lambda: load_inventory(inventory))
     drained = _guard(ctx, DrainState(state_dir).load)
     rows: list[dict[str, object]] = [
@@ -399,6 +415,10 @@ def nodes_check(
     ctx: click.Context, names: tuple[str, ...], inventory: Path | None, state_dir: Path, as_json: bool
 ) -> None:
     """Probe every node (or NAMES) in parallel and say which can build what, and why not."""
+    from farm.drain import DrainState
+    from farm.inventory import load_inventory
+    from farm.nodes import check_nodes
+
     loaded = _guard(ctx, lambda: load_inventory(inventory))
     unknown = sorted(set(names) - {spec.name for spec in loaded.nodes})
     if unknown:
@@ -472,6 +492,8 @@ def nodes_add(
     known_hosts: Path,
 ) -> None:
     """Pin a new node's host key, check the node, and add it to the inventory."""
+    from farm.inventory import Inventory, NodeSpec, append_node
+    from farm.nodes import check_nodes
     from farm.transport.ssh import fetch_host_key, pin_host_key  # asyncssh only when needed
 
     given = {
@@ -509,6 +531,8 @@ def nodes_add(
 @click.pass_context
 def nodes_rm(ctx: click.Context, name: str, inventory: Path) -> None:
     """Remove a node from the inventory file."""
+    from farm.inventory import remove_node
+
     _guard(ctx, lambda: remove_node(inventory, name))
     click.echo(f"removed {name} from {inventory}")
 
@@ -536,6 +560,9 @@ def nodes_undrain(ctx: click.Context, name: str, inventory: Path | None, state_d
 def _set_drained(
     ctx: click.Context, name: str, inventory: Path | None, state_dir: Path, drained: bool
 ) -> None:
+    from farm.drain import DrainState
+    from farm.inventory import load_inventory
+
     loaded = _guard(ctx, lambda: load_inventory(inventory))
     if all(spec.name != name for spec in loaded.nodes):
         _fail(InputError(f"no node named {name!r} in {loaded.source}", hint="see 'farm nodes ls'"))
@@ -624,6 +651,9 @@ def imagetools_create(
     insecure: tuple[str, ...],
 ) -> None:
     """Merge images or indexes (SOURCES) into one index; their children are verified and copied."""
+    from farm.imagetools import create_index
+    from farm.registry.name import parse_reference
+
     parsed_tags = _guard(ctx, lambda: [parse_reference(tag) for tag in tags])
     parsed_sources = _guard(ctx, lambda: [parse_reference(source) for source in sources])
     pairs = _guard(ctx, lambda: _parse_pairs(annotations, "--annotation"))
@@ -649,6 +679,9 @@ def imagetools_inspect(
     ctx: click.Context, reference: str, raw: bool, as_json: bool, insecure: tuple[str, ...]
 ) -> None:
     """Show what REFERENCE holds: platforms, digests, sizes and attestations."""
+    from farm.imagetools import inspect
+    from farm.registry.name import parse_reference
+
     ref = _guard(ctx, lambda: parse_reference(reference))
     seen = _guard(ctx, lambda: _run(inspect(ref, insecure)))
     if raw:
@@ -705,6 +738,8 @@ def _run(work: Coroutine[object, object, T]) -> T:
 
 
 def _this_platform() -> Platform:
+    from farm.platforms import platform_from_machine
+
     return platform_from_machine(os.uname().machine)
 
 
@@ -733,6 +768,8 @@ def _parse_build_args(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _print_decision(decision: Decision) -> None:
+    from farm.scheduler import Assign, Wait
+
     if isinstance(decision, Assign):
         click.echo(f"{decision.platform!s:<15} {decision.mode:<9} {decision.node:<12} {decision.reason}")
     elif isinstance(decision, Wait):

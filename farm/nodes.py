@@ -1,4 +1,4 @@
-"""The inventory's nodes as the coordinator works with them: reached, probed, drained.
+"""The inventory's nodes as the coordinator works with them: reached and probed.
 
 ``open_nodes`` gives every node of an inventory its transport (one SSH connection pool for all);
 ``probe`` asks a node's agent what the node is and decides whether it can take work. Both
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from farm.errors import FarmError, InputError, NodeError
+from farm.errors import FarmError, NodeError
 from farm.inventory import Inventory, NodeSpec
 from farm.nodefacts import NodeFacts
 from farm.session import open_session
 from farm.transport import LocalTransport, Transport
 
-__all__ = ["DrainState", "Node", "check_nodes", "open_nodes", "probe"]
+__all__ = ["Node", "check_nodes", "open_nodes", "probe"]
 
 
 @dataclass
@@ -104,34 +101,6 @@ async def probe(node: Node) -> None:
             node=node.name,
             hint="install buildah, podman or docker on the node, or set 'builder' to one it has",
         )
-
-
-class DrainState:
-    """Which nodes are drained (take no new work), kept in farm's state folder."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "drained.json"
-
-    def load(self) -> frozenset[str]:
-        try:
-            names = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return frozenset()
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {self.path}: {exc}", hint="fix or remove the file") from exc
-        return frozenset(str(name) for name in names)
-
-    def set(self, name: str, drained: bool) -> bool:
-        """Drain or undrain ``name``; True if that changed anything."""
-        current = set(self.load())
-        if (name in current) == drained:
-            return False
-        current.symmetric_difference_update({name})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(f".{os.getpid()}")
-        partial.write_text(json.dumps(sorted(current)) + "\n")
-        partial.replace(self.path)
-        return True
 
 
 async def check_nodes(inventory: Inventory, drained: frozenset[str], names: tuple[str, ...]) -> list[Node]:

@@ -1,5 +1,8 @@
 """The HTTP transport under the registry client: TLS set-up and retries of transient failures.
 
+TLS is set up at the first https request (loading the trust store is most of a plain-HTTP
+client's set-up), once per process and CA file.
+
 Retries wrap the transport, *under* authentication (as ggcr stacks them): a retried request keeps
 the Authorization header the auth flow put on it, and a 401 is never retried here.
 
@@ -31,7 +34,6 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
 
 from farm.errors import InputError
 
@@ -56,14 +58,19 @@ _SENT_FAILURES = (
 )  # fmt: skip
 
 
-class RetryPolicy(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    attempts: int = Field(default=5, ge=1, description="tries in all, the first included")
-    total_seconds: float = Field(default=60.0, gt=0, description="no wait ends later after the first try")
-    base_delay: float = Field(default=0.5, ge=0, description="the first wait is at most this")
-    max_delay: float = Field(default=10.0, ge=0, description="no backoff wait is longer (Retry-After may be)")
+@dataclass(frozen=True)
+class RetryPolicy:
+    # A dataclass, not a pydantic model: only code makes one, and so farm imagetools never
+    # imports pydantic.
+    attempts: int = 5  # tries in all, the first included
+    total_seconds: float = 60.0  # no wait ends later after the first try
+    base_delay: float = 0.5  # the first wait is at most this
+    max_delay: float = 10.0  # no backoff wait is longer (Retry-After may be)
     statuses: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.total_seconds <= 0 or self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError(f"{self}: at least one attempt, a positive total_seconds, no negative delay")
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,33 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
         raise InputError(f"CA file {ca_file} is not a PEM certificate bundle: {exc}") from None
 
 
+class _LazyTlsTransport(httpx.AsyncBaseTransport):
+    """httpx's transport, one for each scheme; the https one is made by the first https request."""
+
+    def __init__(self, ca_file: str | Path | None) -> None:
+        self._ca_file = ca_file
+        # For http:// only. httpx gives every transport a TLS context; this one trusts no
+        # certificate, so TLS through it would fail, never go unverified.
+        self._plain = httpx.AsyncHTTPTransport(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        self._tls: httpx.AsyncHTTPTransport | None = None
+        if ca_file is not None:
+            self._tls_transport()  # a CA file that does not load is an error where it is given
+
+    def _tls_transport(self) -> httpx.AsyncHTTPTransport:
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(verify=tls_verification(self._ca_file))
+        return self._tls
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        transport = self._tls_transport() if request.url.scheme == "https" else self._plain
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._plain.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
+
+
 def build_transport(
     *,
     ca_file: str | Path | None = None,
@@ -219,7 +253,7 @@ def build_transport(
     """The registry client's transport: httpx's (with ``ca_file`` trusted) under retries."""
     if inner is not None and ca_file is not None:
         raise ValueError("give either a transport or a CA file: the CA file configures farm's own transport")
-    return RetryTransport(inner or httpx.AsyncHTTPTransport(verify=tls_verification(ca_file)), retry)
+    return RetryTransport(inner or _LazyTlsTransport(ca_file), retry)
 
 
 def is_replayable(request: httpx.Request) -> bool:

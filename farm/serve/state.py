@@ -3,7 +3,7 @@
     STATE/token             the bearer token every request needs (0600; created at first start)
     STATE/serve.lock        held while a server runs: two servers never share one folder
     STATE/history.sqlite3   every build and platform (``history.History``)
-    STATE/drained.json      drained nodes, shared with ``farm nodes drain`` (``farm.nodes.DrainState``)
+    STATE/drained.json      drained nodes, shared with ``farm nodes drain`` (``farm.drain.DrainState``)
     STATE/store/            contexts received from clients (``agent.store.ContentStore``)
     STATE/layouts/          contexts laid out as folders for ``run_build``
     STATE/work/             one folder per running build (its Dockerfile)
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from agent.store import ContentStore
+from farm.drain import DrainState
 from farm.errors import InputError
-from farm.nodes import DrainState
 from farm.serve.history import History
 
 __all__ = ["StateFolder", "open_state"]

@@ -327,3 +327,38 @@ def test_a_transport_and_a_ca_file_do_not_go_together(tmp_path: Path) -> None:
 
 def _self_signed(tmp_path: Path) -> Path:
     return self_signed(tmp_path, "farm test CA").cert_path
+
+
+def test_tls_is_set_up_by_the_first_https_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str | Path | None] = []
+
+    def counted(ca_file: str | Path | None) -> ssl.SSLContext:
+        asked.append(ca_file)
+        return tls_verification(ca_file)
+
+    monkeypatch.setattr("farm.registry.transport.tls_verification", counted)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # a request, or a TLS ClientHello that gets no TLS answer
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def exchange() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = build_transport(retry=RetryPolicy(attempts=1))
+        async with server, httpx.AsyncClient(transport=transport) as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/v2/")).status_code == 200
+            assert asked == [], "plain HTTP never loads the trust store"
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"https://127.0.0.1:{port}/v2/")
+            assert asked == [None]
+
+    asyncio.run(exchange())
+
+
+def test_a_retry_policy_makes_sense() -> None:
+    for wrong in ({"attempts": 0}, {"total_seconds": 0}, {"base_delay": -1}, {"max_delay": -1}):
+        with pytest.raises(ValueError, match="at least one attempt"):
+            RetryPolicy(**wrong)  # type: ignore[arg-type]
