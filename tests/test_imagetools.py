@@ -10,6 +10,7 @@ own JSON schema.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -21,6 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from farm.registry.client import RegistryClient
+from farm.registry.name import parse_reference
+from farm.stitch import push_index, resolve_source
 from tests import lab
 from tests.oci import assert_valid_oci_index, assert_valid_oci_manifest
 from tests.test_build_local import hello_context
@@ -322,6 +326,43 @@ def test_children_in_another_repository_are_mounted_into_the_target_and_run(
     assert not (registry.data / "docker/registry/v2/repositories/mount/dst/_uploads").exists()
     for platform, machine in machines.items():
         assert lab.docker_run(tag, platform, "uname", "-m") == machine
+
+
+def test_each_manifest_config_and_layer_is_read_once_and_each_blob_mounted_once(
+    registry: lab.Registry,
+) -> None:
+    """Three images in another repository, two sharing a layer (busybox's arm/v6, also under an
+    arm/v5 config): what resolving read is not read again, the shared layer is mounted once and
+    scanned once, and nothing is asked for twice."""
+    images = (
+        push_image(registry, "once/src", "linux/arm/v6", note="once"),
+        push_image(registry, "once/src", "linux/arm/v6", claims="linux/arm/v5", note="once"),
+        push_image(registry, "once/src", "linux/amd64", note="once"),
+    )
+    blobs = {blob["digest"] for image in images for blob in [image.json()["config"], *image.json()["layers"]]}
+    assert len(blobs) == 5  # three configs, two layers
+    recording = lab.Recording()
+
+    async def stitch() -> None:
+        async with RegistryClient(transport=recording) as client:
+            sources = await asyncio.gather(*(resolve_source(client, parse_reference(i.ref)) for i in images))
+            await push_index(client, [parse_reference(f"{registry.host}/once/dst:1")], sources)
+
+    asyncio.run(stitch())
+
+    source, target = "/v2/once/src", "/v2/once/dst"
+    assert sorted((method, path) for method, path, _, _ in recording.exchanges) == sorted(
+        [
+            *(("GET", f"{source}/manifests/{image.digest}") for image in images),
+            *(("GET", f"{source}/blobs/{digest}") for digest in blobs),  # configs; layers to scan
+            *(("POST", f"{target}/blobs/uploads/") for _ in blobs),  # a mount each
+            *(("PUT", f"{target}/manifests/{image.digest}") for image in images),
+            ("HEAD", f"{target}/manifests/1"),
+            ("PUT", f"{target}/manifests/1"),
+        ]
+    )
+    index = read_index(registry, "once/dst", "1")
+    assert [entry["digest"] for entry in index["manifests"]] == [image.digest for image in images]
 
 
 # --- 2. manifests are copied as their original bytes -----------------------------------------

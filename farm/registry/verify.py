@@ -3,6 +3,10 @@
 Two checks, both against what the registry stores: the image config's os/architecture/variant,
 and the ELF executables in its layers. The second catches what the first cannot: a builder that
 reused a base image pulled for another platform writes the right label on the wrong binaries.
+
+The checks are pure (``check_config``, ``check_executables``) over what was read; reading is
+separate (``scan_layers``), so that stitching many images reads each config and scans each
+layer once, however many images share it. ``verify_image`` does both for one image.
 """
 
 from __future__ import annotations
@@ -13,17 +17,27 @@ import stat
 import tarfile
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from farm import elf, mediatypes
 from farm.errors import PlatformError, VerificationError
 from farm.index import Descriptor
 from farm.platforms import Platform, normalize
-from farm.registry.client import RegistryClient
+from farm.registry.client import Manifest, RegistryClient
 from farm.registry.name import Reference
 
-__all__ = ["LayerScan", "verify_image"]
+__all__ = [
+    "LayerScan",
+    "check_config",
+    "check_executables",
+    "config_platform",
+    "image_document",
+    "inspectable_layers",
+    "scan_layers",
+    "verify_image",
+]
 
 _SPOOL_BYTES = 32 * 1024 * 1024
 _UNINSPECTABLE = ("zstd",)
@@ -50,25 +64,60 @@ async def verify_image(
     """
     ref = repository.with_digest(digest)
     manifest = await client.get_manifest(ref)
+    document = image_document(manifest, ref)
+    check_config(await client.get_blob(repository, document["config"]["digest"]), platform, ref)
+    layers = inspectable_layers(document)
+    scans = {} if scans is None else scans
+    scans.update(await scan_layers(client, {layer: repository for layer in layers if layer not in scans}))
+    check_executables(platform, layers, scans)
+    return Descriptor(manifest.media_type, digest, len(manifest.raw), platform)
+
+
+def image_document(manifest: Manifest, ref: Reference) -> dict[str, Any]:
+    """The manifest of an image (not an index), parsed."""
     if manifest.media_type not in mediatypes.MANIFEST_TYPES:
         raise VerificationError(f"{ref} is a {manifest.media_type}, not an image manifest")
-    document = manifest.json()
-    config = await _load_json_blob(client, repository, document["config"]["digest"])
-    declared = _declared_platform(config, ref)
+    return manifest.json()
+
+
+def config_platform(config: bytes, ref: Reference) -> Platform:
+    """The platform an image config (its raw bytes) names, normalised."""
+    document = json.loads(config)
+    if not isinstance(document, dict):
+        raise VerificationError(f"the config of {ref} is not a JSON object")
+    try:
+        return normalize(
+            str(document.get("os", "")),
+            str(document.get("architecture", "")),
+            str(document.get("variant", "") or ""),
+        )
+    except PlatformError as exc:
+        raise VerificationError(f"{ref} has an image config with {exc.message}") from exc
+
+
+def check_config(config: bytes, platform: Platform, ref: Reference) -> None:
+    """Refuse the image ``ref`` if its config names another platform than ``platform``."""
+    declared = config_platform(config, ref)
     if declared != platform:
         raise VerificationError(
             f"the image built for {platform} says it is {declared} in its config ({ref})",
         )
-    scans = {} if scans is None else scans
+
+
+def inspectable_layers(document: dict[str, Any]) -> list[str]:
+    """The digests of the layers farm can look into, in order (a layer may recur)."""
+    return [
+        str(layer["digest"])
+        for layer in document.get("layers", [])
+        if not any(kind in layer.get("mediaType", "") for kind in _UNINSPECTABLE)
+    ]
+
+
+def check_executables(platform: Platform, layers: Iterable[str], scans: Mapping[str, LayerScan]) -> None:
+    """Refuse an image whose ``layers`` (their ``scans``) hold executables of another architecture."""
     found: Counter[str] = Counter()
     examples: dict[str, str] = {}
-    for layer in document.get("layers", []):
-        layer_digest = layer["digest"]
-        if any(kind in layer.get("mediaType", "") for kind in _UNINSPECTABLE):
-            continue
-        if layer_digest not in scans:
-            scans[layer_digest] = await _scan_layer(client, repository, layer_digest)
-        scan = scans[layer_digest]
+    for scan in (scans[layer] for layer in layers):
         found.update(scan.architectures)
         for arch, path in scan.examples.items():
             examples.setdefault(arch, path)
@@ -80,29 +129,18 @@ async def verify_image(
             hint="the builder mixed platforms up; farm pins base images by digest to prevent this, "
             "so check that the Dockerfile does not fetch binaries for a fixed architecture",
         )
-    return Descriptor(manifest.media_type, digest, len(manifest.raw), platform)
 
 
-def _declared_platform(config: dict[str, object], ref: Reference) -> Platform:
-    try:
-        return normalize(
-            str(config.get("os", "")),
-            str(config.get("architecture", "")),
-            str(config.get("variant", "") or ""),
-        )
-    except PlatformError as exc:
-        raise VerificationError(f"{ref} has an image config with {exc.message}") from exc
-
-
-async def _load_json_blob(client: RegistryClient, repository: Reference, digest: str) -> dict[str, object]:
-    data = await client.get_blob(repository, digest)
-    document = json.loads(data)
-    if not isinstance(document, dict):
-        raise VerificationError(f"config {digest} of {repository.name} is not a JSON object")
-    return document
+async def scan_layers(client: RegistryClient, layers: Mapping[str, Reference]) -> dict[str, LayerScan]:
+    """Scan ``layers`` (digest: the repository to read it from) for ELF executables, concurrently."""
+    scanned = await asyncio.gather(
+        *(_scan_layer(client, repository, digest) for digest, repository in layers.items())
+    )
+    return dict(zip(layers, scanned, strict=True))
 
 
 async def _scan_layer(client: RegistryClient, repository: Reference, digest: str) -> LayerScan:
+    """The ELF executables in layer ``digest`` of ``repository``."""
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
         async with client.stream_blob(repository, digest) as chunks:
             async for chunk in chunks:
