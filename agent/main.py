@@ -27,10 +27,11 @@ from agent.protocol import (
     Entry,
     Message,
     ProtocolError,
-    context_digest,
     encode,
-    entries_from_json,
+    entries_from_manifest,
+    manifest_digest,
     read_message,
+    read_payload,
 )
 from agent.slots import hold_slot
 from agent.store import DEFAULT_LIMIT, ContentStore, UnsafeEntryError, check_entries
@@ -92,6 +93,7 @@ class Agent:
             self._cancel()
             if self.build_thread is not None:
                 self.build_thread.join()
+            self.store.release_leases()
             self.finished.set()
 
     def _dispatch(self, message: Message) -> None:
@@ -124,16 +126,18 @@ class Agent:
 
     def _sync(self, message: Message) -> None:
         """Receive a context manifest, ask for what the store lacks, take those blobs."""
-        entries = entries_from_json(message.get("entries"))
+        manifest = read_payload(self.stdin, message.get("size"))
         digest = message.get("context")
         try:
-            check_entries(entries)
-            if digest != context_digest(entries):
+            if digest != manifest_digest(manifest):
                 raise UnsafeEntryError(f"context {digest!r} does not match its manifest")
+            entries = entries_from_manifest(manifest)
+            check_entries(entries)
         except UnsafeEntryError as exc:
             self.out.send("error", kind="input", message=str(exc))
             return
-        needed = self.store.missing(entry[3] for entry in entries if entry[3])
+        blobs = [entry[3] for entry in entries if entry[3]]
+        needed = self.store.lease(blobs)
         self.out.send("need", digests=needed)
         for wanted in needed:
             blob = read_message(self.stdin)
@@ -143,13 +147,14 @@ class Agent:
                 self.store.receive(wanted, int(blob["size"]), self.stdin)
             except UnsafeEntryError as exc:
                 raise ProtocolError(str(exc)) from exc
-        self.store.save_context(digest, entries)
+        # Only now: a manifest in the store promises every blob it names has arrived.
+        self.store.save_manifest(digest, manifest)
         self.out.send("synced", context=digest, received=len(needed))
-        # Bookkeeping after the answer: the coordinator need not wait for it.
-        blobs = [entry[3] for entry in entries if entry[3]]
-        self.store.touch(blobs)
-        limit = message.get("store_limit")
-        self.store.evict(int(limit) if limit else DEFAULT_LIMIT, keep=blobs)
+        # After the answer: the lease, not the recency, keeps this context's blobs until the build.
+        self.store.touch(set(blobs).difference(needed))
+        if needed:  # only a sync that adds blobs can take the store over its limit: each evicts after
+            limit = message.get("store_limit")
+            self.store.evict(int(limit) if limit else DEFAULT_LIMIT)
 
     def _build(self, request: Message, runner: Runner) -> None:
         build_id = str(request.get("build_id", ""))
@@ -182,9 +187,13 @@ class Agent:
 
     def _run_build(self, request: Message, build_dir: str, runner: Runner) -> None:
         context = str(request["context"])
-        if not self.store.has_context(context):
+        try:
+            entries: list[Entry] = self.store.load_context(context)
+        except FileNotFoundError:
+            raise ValueError(f"context {context} was not synced to this node") from None
+        # Leased as it is looked up: nothing found here is evicted before it is laid out.
+        if self.store.lease(entry[3] for entry in entries if entry[3]):
             raise ValueError(f"context {context} was not synced to this node")
-        entries: list[Entry] = self.store.load_context(context)
         if os.path.exists(build_dir):
             shutil.rmtree(build_dir)
         os.makedirs(build_dir)

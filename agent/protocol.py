@@ -9,7 +9,8 @@ Framing, on the agent's stdin and stdout:
   chatty login profile on a node cannot confuse the coordinator.
 * Every message is one line of JSON: an object with a ``type`` field.
 * A ``blob`` message is followed by exactly ``size`` raw bytes: file contents never go through
-  JSON.
+  JSON. So is a ``sync`` message: its bytes are the context's canonical manifest, the very bytes
+  the context digest is the sha256 of, so the agent checks the digest without encoding anything.
 
 The conversation:
 
@@ -18,7 +19,7 @@ The conversation:
                                    <-    hello {version, python, pid}
     facts {workdir}                ->
                                    <-    facts {...}
-    sync {context, entries}        ->
+    sync {context, size} + bytes   ->    (the manifest)
                                    <-    need {digests}
     blob {digest, size} + bytes    ->    (one per needed digest)
                                    <-    synced {context}
@@ -38,7 +39,7 @@ import hashlib
 import json
 from typing import IO, Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MARKER = b"--- farm agent protocol v%d ---" % PROTOCOL_VERSION
 HEARTBEAT_INTERVAL = 5.0
 HEARTBEAT_TIMEOUT = 20.0
@@ -62,11 +63,15 @@ __all__ = [
     "Entry",
     "Message",
     "ProtocolError",
+    "canonical_manifest",
     "context_digest",
     "decode",
     "encode",
     "entries_from_json",
+    "entries_from_manifest",
+    "manifest_digest",
     "read_message",
+    "read_payload",
 ]
 
 
@@ -104,8 +109,27 @@ def read_message(stream: IO[bytes]) -> Message | None:
     return decode(line)
 
 
+def read_payload(stream: IO[bytes], size: Any) -> bytes:
+    """The ``size`` raw bytes that follow a ``sync`` message."""
+    if not isinstance(size, int) or not 0 <= size <= MAX_LINE:
+        raise ProtocolError(f"a payload of {size!r} bytes")
+    data = stream.read(size)
+    if len(data) != size:
+        raise ProtocolError(f"stream ended {len(data)} bytes into a {size}-byte payload")
+    return data
+
+
+def entries_from_manifest(manifest: bytes) -> list[Entry]:
+    """A manifest's entries, validated: it comes from the other side of a wire, or from disk."""
+    try:
+        value = json.loads(manifest)
+    except ValueError as exc:
+        raise ProtocolError(f"a manifest that is not JSON: {exc}") from exc
+    return entries_from_json(value)
+
+
 def entries_from_json(value: Any) -> list[Entry]:
-    """Validate a ``sync`` message's entries (they come from the other side of a wire)."""
+    """Validate a context's entries (they come from the other side of a wire)."""
     if not isinstance(value, list):
         raise ProtocolError("entries must be a list")
     entries: list[Entry] = []
@@ -124,7 +148,15 @@ def entries_from_json(value: Any) -> list[Entry]:
     return entries
 
 
+def canonical_manifest(entries: list[Entry]) -> bytes:
+    """A context's manifest as the bytes its digest names: entries sorted by path, compact JSON."""
+    return json.dumps(sorted(entries), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def manifest_digest(manifest: bytes) -> str:
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
 def context_digest(entries: list[Entry]) -> str:
-    """The digest naming a context: sha256 of its manifest, entries sorted by path, as compact JSON."""
-    canonical = json.dumps(sorted(entries), separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    """The digest naming a context: that of its canonical manifest."""
+    return manifest_digest(canonical_manifest(entries))

@@ -384,7 +384,7 @@ def unread(context: Context) -> Context:
     up to a budget larger than this context; reusing one ``Context`` across rounds would let every
     round after the first skip reading and re-hashing the files.
     """
-    return Context(root=context.root, entries=context.entries, digest=context.digest, blobs=context.blobs)
+    return Context(root=context.root, entries=context.entries, blobs=context.blobs, manifest=context.manifest)
 
 
 def busy_share(seconds: float = 0.5) -> float:
@@ -688,9 +688,8 @@ def prepare(args: argparse.Namespace, sshd: Sshd, work: Path) -> Prepared:
         text=True,
         check=True,
     )
-    manifest = len(
-        protocol.encode("sync", context=context.digest, entries=[list(e) for e in context.entries])
-    )
+    header = protocol.encode("sync", context=context.digest, size=len(context.manifest))
+    manifest = len(header) + len(context.manifest)  # the sync message: a header line, then the manifest
     log(
         f"context: {files} files ({len(context.blobs)} distinct: the {files - len(context.blobs) + 1} "
         f"empty ones are one blob), {links} links, {folders} folders, {size / 1e6:.1f} MB "

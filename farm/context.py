@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.protocol import Entry, context_digest
+from agent.protocol import Entry, canonical_manifest, manifest_digest
 from agent.store import UnsafeEntryError, check_entries
 from farm.dockerignore import IgnoreRules, parse_dockerignore
 from farm.errors import ContextError
@@ -25,15 +25,20 @@ __all__ = ["Context", "StatCache", "scan_context"]
 
 _CHUNK = 1024 * 1024
 _READ_BUDGET = 256 * 1024 * 1024
+_SET_ID = stat.S_ISUID | stat.S_ISGID
 
 
 @dataclass(frozen=True)
 class Context:
     root: Path
     entries: tuple[Entry, ...]
-    digest: str
     blobs: dict[str, str]  # sha256 digest -> the path of one file holding it
+    manifest: bytes = field(repr=False)  # the entries as nodes receive them (``canonical_manifest``)
     _read: _ReadCache = field(default_factory=lambda: _ReadCache(), repr=False, compare=False)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return manifest_digest(self.manifest)
 
     @property
     def size(self) -> int:
@@ -79,15 +84,15 @@ class StatCache:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path  # None: remember nothing beyond this scan
-        self._entries: dict[str, list[object]] = {}
-        self._seen: set[str] = set()
+        self._loaded: dict[str, object] = {}
+        self._met: dict[str, list[object]] = {}  # what this scan found: what is saved
         self._dirty = False
         if path is None:
             return
         try:
             loaded = json.loads(path.read_text())
             if isinstance(loaded, dict):
-                self._entries = loaded
+                self._loaded = loaded
         except (OSError, ValueError):
             pass  # a missing or damaged cache only costs a rehash
 
@@ -98,27 +103,25 @@ class StatCache:
         return cls(folder / f"{name}.json")
 
     def digest(self, path: str, info: os.stat_result) -> str:
-        key = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
-        self._seen.add(path)
-        cached = self._entries.get(path)
-        if cached is not None and cached[:4] == key:
-            return str(cached[4])
-        digest = _hash_file(Path(path))
-        self._entries[path] = [*key, digest]
+        key: list[object] = [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+        known = self._loaded.get(path)
+        if isinstance(known, list) and len(known) == 5 and known[:4] == key and isinstance(known[4], str):
+            self._met[path] = known
+            return known[4]
+        digest = _hash_file(path)
+        self._met[path] = [*key, digest]
         self._dirty = True
         return digest
 
     def save(self) -> None:
         """Write the cache back, forgetting files this scan did not meet."""
-        stale = set(self._entries) - self._seen
-        if self.path is None or (not self._dirty and not stale):
+        # Nothing rehashed and as many files as before: the very files of the loaded cache.
+        if self.path is None or (not self._dirty and len(self._met) == len(self._loaded)):
             return
-        for path in stale:
-            del self._entries[path]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(self._entries))
+            partial.write_text(json.dumps(self._met))
             partial.replace(self.path)
         except OSError:
             pass  # the cache is an optimisation; the build does not depend on it
@@ -137,17 +140,19 @@ def scan_context(root: Path, cache: StatCache | None = None) -> Context:
     entries: list[Entry] = []
     blobs: dict[str, str] = {}
     cache = cache or StatCache(None)
-    _walk(root, "", rules, entries, blobs, cache)
+    _walk(str(root), "", rules, entries, blobs, cache)
     cache.save()
     entries.sort()
     try:
-        # The agent refuses these too; saying so before anything is sent names the file here.
-        check_entries(entries)
+        # Nodes refuse these too; saying so before anything is sent names the file here. Of what
+        # they refuse, a walked tree can hold only links leading out and setuid or setgid entries:
+        # its paths are plain and unique, and nothing lies below a link (links are not walked into).
+        check_entries(entry for entry in entries if stat.S_ISLNK(entry[1]) or entry[1] & _SET_ID)
     except UnsafeEntryError as exc:
         raise ContextError(
             f"build context {root}: {exc}", hint="nodes refuse it; exclude it in .dockerignore"
         ) from exc
-    return Context(root=root, entries=tuple(entries), digest=context_digest(entries), blobs=blobs)
+    return Context(root=root, entries=tuple(entries), blobs=blobs, manifest=canonical_manifest(entries))
 
 
 def _load_rules(root: Path) -> IgnoreRules:
@@ -161,26 +166,28 @@ def _load_rules(root: Path) -> IgnoreRules:
 
 
 def _walk(
-    root: Path,
+    folder: str,
     relative: str,
     rules: IgnoreRules,
     entries: list[Entry],
     blobs: dict[str, str],
     cache: StatCache,
 ) -> None:
-    folder = root / relative if relative else root
+    # Plain strings, not Paths: a warm scan of thousands of files is mostly this loop.
     try:
-        children = sorted(os.scandir(folder), key=lambda child: child.name)
+        with os.scandir(folder) as scan:
+            children = list(scan)
     except OSError as exc:
         raise ContextError(f"cannot read {folder}: {exc.strerror}") from exc
     for child in children:
         name = child.name
         if "\\" in name or "\n" in name:
-            raise ContextError(f"context path {folder / name!r} has a character farm cannot ship")
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ContextError(f"context path {os.fsencode(child.path)!r} is not valid UTF-8") from exc
+            raise ContextError(f"context path {child.path!r} has a character farm cannot ship")
+        if not name.isascii():
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ContextError(f"context path {os.fsencode(child.path)!r} is not valid UTF-8") from exc
         path = f"{relative}/{name}" if relative else name
         info = child.stat(follow_symlinks=False)
         ignored = rules.is_ignored(path)
@@ -188,7 +195,7 @@ def _walk(
             if not ignored:
                 entries.append((path, info.st_mode, 0, "", ""))
             if not ignored or rules.may_include_below(path):
-                _walk(root, path, rules, entries, blobs, cache)
+                _walk(child.path, path, rules, entries, blobs, cache)
             continue
         if ignored:
             continue
@@ -205,10 +212,10 @@ def _walk(
             )
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: str) -> str:
     hasher = hashlib.sha256()
     try:
-        with path.open("rb") as source:
+        with open(path, "rb") as source:
             for chunk in iter(lambda: source.read(_CHUNK), b""):
                 hasher.update(chunk)
     except OSError as exc:

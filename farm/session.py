@@ -41,7 +41,9 @@ class AgentSession:
         Blobs are read and framed in batches in a worker thread, the next batch while the current
         one is written: thousands of small files then cost a few large writes, not thousands.
         """
-        await self._send("sync", context=context.digest, entries=[list(e) for e in context.entries])
+        await self._write(
+            protocol.encode("sync", context=context.digest, size=len(context.manifest)) + context.manifest
+        )
         needed = (await self._expect("need"))["digests"]
         unknown = [digest for digest in needed if digest not in context.blobs]
         if unknown:
@@ -113,8 +115,11 @@ class AgentSession:
                 await self._send("heartbeat")
 
     async def _send(self, message_type: str, /, **fields: Any) -> None:
+        await self._write(protocol.encode(message_type, **fields))
+
+    async def _write(self, data: bytes) -> None:
         try:
-            await self._process.write(protocol.encode(message_type, **fields))
+            await self._process.write(data)
         except (ConnectionError, OSError) as exc:
             raise self._lost(f"cannot write to the agent: {exc}") from exc
 

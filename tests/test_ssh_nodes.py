@@ -218,11 +218,13 @@ def test_the_agent_refuses_hostile_context_entries(
     three: sshlab.SshLab, entry: tuple[str, int, int, str, str], reason: str
 ) -> None:
     """A coordinator gone wrong sends entries that would escape the build folder: refused."""
-    from agent.protocol import context_digest
+    from agent.protocol import canonical_manifest
 
     node = three.nodes[0]
     spec = NodeSpec.model_validate(node.inventory_entry())
-    hostile = Context(root=Path("/nonexistent"), entries=(entry,), digest=context_digest([entry]), blobs={})
+    hostile = Context(
+        root=Path("/nonexistent"), entries=(entry,), blobs={}, manifest=canonical_manifest([entry])
+    )
 
     async def sync() -> None:
         connections = SshConnections()

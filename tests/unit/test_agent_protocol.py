@@ -18,11 +18,15 @@ from agent.protocol import (
     PROTOCOL_VERSION,
     Entry,
     ProtocolError,
+    canonical_manifest,
     context_digest,
     decode,
     encode,
     entries_from_json,
+    entries_from_manifest,
+    manifest_digest,
     read_message,
+    read_payload,
 )
 
 _SETTINGS = settings(database=None, deadline=None, max_examples=60)
@@ -197,3 +201,43 @@ def test_context_digest_is_sha256_of_the_sorted_compact_manifest() -> None:
 def test_context_digest_covers_every_field(change: Any) -> None:
     entries: list[Entry] = [("a", 0o100644, 1, DIGEST, ""), ("b", 0o100644, 2, DIGEST, "")]
     assert context_digest([change(entries[0]), entries[1]]) != context_digest(entries)
+
+
+# --- the manifest as a payload ---------------------------------------------------------------------
+
+
+def test_a_sync_message_carries_its_manifest_as_raw_bytes() -> None:
+    entries: list[Entry] = [("b", 0o100644, 1, DIGEST, ""), ("a", 0o40755, 0, "", "")]
+    manifest = canonical_manifest(entries)
+    stream = io.BytesIO(encode("sync", context=manifest_digest(manifest), size=len(manifest)) + manifest)
+    message = read_message(stream)
+    assert message is not None
+    assert read_payload(stream, message["size"]) == manifest
+    assert message["context"] == context_digest(entries)
+    assert entries_from_manifest(manifest) == sorted(entries)
+    assert read_message(stream) is None
+
+
+@pytest.mark.parametrize("size", [-1, MAX_LINE + 1, "3", None, 1.0])
+def test_read_payload_refuses_sizes_it_cannot_trust(size: Any) -> None:
+    with pytest.raises(ProtocolError):
+        read_payload(io.BytesIO(b"abc"), size)
+
+
+def test_read_payload_refuses_a_stream_that_ends_early() -> None:
+    with pytest.raises(ProtocolError, match="ended 2 bytes into a 3-byte payload"):
+        read_payload(io.BytesIO(b"ab"), 3)
+
+
+@pytest.mark.parametrize("manifest", [b"", b"[", b"\xff", b'{"a": 1}', b'[["a", 1, 2, 3, ""]]'])
+def test_entries_from_manifest_refuses_what_is_not_a_manifest(manifest: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        entries_from_manifest(manifest)
+
+
+@_SETTINGS
+@given(_ENTRIES)
+def test_the_canonical_manifest_is_what_the_digest_names(entries: list[Entry]) -> None:
+    manifest = canonical_manifest(entries)
+    assert manifest_digest(manifest) == context_digest(entries)
+    assert entries_from_manifest(manifest) == sorted(entries)
