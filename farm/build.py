@@ -90,6 +90,20 @@ class PlatformEvent:
     node: str
     state: str  # queued, syncing, building, verifying, done, failed, log
     detail: str = ""
+    synced: ContextSync | None = None  # on the "syncing" event that ends a sync: what it moved
+
+
+@dataclass(frozen=True)
+class ContextSync:
+    """What syncing a context to a node moved: the node had the rest already."""
+
+    context_bytes: int
+    sent_files: int
+    sent_bytes: int
+
+    @property
+    def skipped_bytes(self) -> int:
+        return max(0, self.context_bytes - self.sent_bytes)
 
 
 @dataclass(frozen=True)
@@ -488,7 +502,7 @@ async def _build_platform(
             session,
             node,
             context,
-            lambda d: on_event(PlatformEvent(platform, name, "syncing", d)),
+            lambda detail, synced: on_event(PlatformEvent(platform, name, "syncing", detail, synced)),
         )
         on_event(PlatformEvent(platform, name, "building", mode))
         build_args = {
@@ -535,16 +549,16 @@ async def _build_platform(
 
 
 async def _ensure_synced(
-    session: AgentSession, node: Node, context: Context, report: Callable[[str], None]
+    session: AgentSession, node: Node, context: Context, report: Callable[[str, ContextSync | None], None]
 ) -> None:
     """Sync the context to a node once per build, however many of its platforms run there."""
     async with node.synced:
         if context.digest in node.synced_contexts:
             return
-        report(f"{len(context.entries)} entries, {context.size} bytes")
+        report(f"{len(context.entries)} entries, {context.size} bytes", None)
         blobs, sent = await session.sync(context)
         node.synced_contexts.add(context.digest)
-        report(f"sent {blobs} files, {sent} bytes")
+        report(f"sent {blobs} files, {sent} bytes", ContextSync(context.size, blobs, sent))
 
 
 def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:

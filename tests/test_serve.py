@@ -238,10 +238,10 @@ def test_build_on_the_server_for_two_platforms_then_again_without_uploading(
 def test_metrics_count_builds_by_platform_mode_and_result(
     tmp_path: Path, server: Server, registry: lab.Registry
 ) -> None:
+    context = small_context(tmp_path / "ctx", registry, text=str(uuid.uuid4()))
     run = lab.farm(
         "build", "-t", f"{registry.host}/serve/metrics:1", "--platform", "linux/amd64,linux/arm64",
-        "--no-cache", str(small_context(tmp_path / "ctx", registry, text=str(uuid.uuid4()))),
-        env=server.env(),
+        "--no-cache", str(context), env=server.env(),
     )  # fmt: skip
     assert run.code == 0, run.stderr
     metrics = server.metrics()
@@ -269,6 +269,18 @@ def test_metrics_count_builds_by_platform_mode_and_result(
     assert metrics[("farm_builds_running", ())] == 0
     assert metrics[("farm_build_info", (("version", "0.1.0"),))] == 1
     assert metrics[("farm_context_bytes_sent_total", ())] > 0
+
+    # One file more: the node is sent that file only, and the rest of the context counts as skipped.
+    (context / "more.txt").write_text("x" * 1000)
+    again = lab.farm("build", "-t", f"{registry.host}/serve/metrics:2", "--platform", "linux/amd64",
+                     str(context), env=server.env())  # fmt: skip
+    assert again.code == 0, again.stderr
+    after = server.metrics()
+    sent, skipped = ("farm_context_bytes_sent_total", ()), ("farm_context_bytes_skipped_total", ())
+    assert after[sent] - metrics[sent] == 1000
+    assert after[skipped] - metrics[skipped] == sum(
+        path.stat().st_size for path in context.rglob("*") if path.is_file() and path.name != "more.txt"
+    )
 
 
 def test_a_failing_build_exits_as_a_local_one_does(

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
 import time
 import traceback
 import uuid
@@ -56,8 +55,6 @@ _KEEP_FINISHED = 32  # finished builds whose full event stream stays in memory
 _MAX_LOG_LINES = 20_000  # log lines kept per build (its state events are always kept)
 _PING_SECONDS = 15.0  # an idle event stream says it is alive this often
 _PROBE_TIMEOUT = 60.0
-_SENT = re.compile(r"sent (\d+) files, (\d+) bytes")
-_OFFERED = re.compile(r"(\d+) entries, (\d+) bytes")
 
 
 class CoordinatorOptions(BaseModel):
@@ -81,7 +78,6 @@ class LivePlatform:
     seconds: float | None = None
     holding: str | None = None  # the node whose slot it holds now
     attempt_open: bool = False  # counted as started in the metrics, not yet as finished
-    offered: int = 0  # context bytes of its node's sync
     digest: str | None = None
     error: str | None = None
 
@@ -490,8 +486,8 @@ class Coordinator:
             live.state = state
         if state == "assigned":
             live.node, live.holding, live.mode, live.seconds = node, node, None, None
-        elif state == "syncing":
-            self._count_sync(live, event.detail)
+        elif state == "syncing" and event.synced is not None:
+            self.metrics.context_synced(event.synced.sent_bytes, event.synced.skipped_bytes)
         elif state == "building" and event.detail in ("native", "emulated"):
             live.node, live.mode, live.started = event.node, event.detail, time.monotonic()
             if not live.attempt_open:
@@ -514,13 +510,6 @@ class Coordinator:
         elif state == "done":
             live.node, live.holding = event.node, None
         job.emit({"type": "event", **event_to_json(event)})
-
-    def _count_sync(self, live: LivePlatform, detail: str) -> None:
-        if offered := _OFFERED.fullmatch(detail):
-            live.offered = int(offered.group(2))
-        elif sent := _SENT.fullmatch(detail):
-            size = int(sent.group(2))
-            self.metrics.context_synced(size, max(0, live.offered - size))
 
     def _fallback_reason(self, platform: str) -> str:
         """Why a platform is emulated, from what the server knows of its nodes."""
