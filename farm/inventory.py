@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,28 @@ __all__ = [
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class JumpHop:
+    """One bastion on the way to a node, as ``ssh -J`` spells it: ``[user@]host[:port]``."""
+
+    host: str
+    port: int | None = None
+    user: str | None = None
+
+
+def parse_jump_hops(text: str) -> tuple[JumpHop, ...]:
+    """Comma-separated bastions (``ssh -J``), in the order they are passed through."""
+    hops = []
+    for part in (part.strip() for part in text.split(",")):
+        user, at, address = part.rpartition("@")
+        host, _, port_text = address.partition(":")
+        port = int(port_text) if port_text.isdigit() else None
+        if not host or (at and not user) or (port_text and not (port and port <= 65535)):
+            raise ValueError(f"{part!r} is not [user@]host[:port] (ssh -J's form, hops comma-separated)")
+        hops.append(JumpHop(host, port, user or None))
+    return tuple(hops)
 
 
 class NodeSpec(BaseModel):
@@ -70,6 +93,13 @@ class NodeSpec(BaseModel):
             raise ValueError("a node name is letters, digits, '.', '_' or '-' (63 at most)")
         return value
 
+    @field_validator("proxy_jump")
+    @classmethod
+    def _check_proxy_jump(cls, value: str | None) -> str | None:
+        if value:
+            parse_jump_hops(value)
+        return value or None
+
     @field_validator("platforms", mode="before")
     @classmethod
     def _parse_platforms(cls, value: Any) -> Any:
@@ -89,6 +119,10 @@ class NodeSpec(BaseModel):
         if self.local == bool(self.host):
             raise ValueError("a node has either 'local: true' or a 'host', not both and not neither")
         return self
+
+    @property
+    def jump_hops(self) -> tuple[JumpHop, ...]:
+        return parse_jump_hops(self.proxy_jump) if self.proxy_jump else ()
 
     def agent_workdir(self) -> str:
         if self.workdir:

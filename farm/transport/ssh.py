@@ -234,32 +234,6 @@ def _options(spec: NodeSpec) -> dict[str, Any]:
     return options
 
 
-@dataclass(frozen=True)
-class JumpHop:
-    """One bastion of ``proxy_jump``, as ``ssh -J`` spells it: ``[user@]host[:port]``."""
-
-    host: str
-    port: int | None = None
-    user: str | None = None
-
-
-def jump_hops(spec: NodeSpec) -> list[JumpHop]:
-    """The bastions of ``spec.proxy_jump`` in the order they are passed through (comma-separated)."""
-    if not spec.proxy_jump:
-        return []
-    hops = []
-    for text in spec.proxy_jump.split(","):
-        user, _, address = text.strip().rpartition("@")
-        host, _, port_text = address.partition(":")
-        if not host or (port_text and not port_text.isdigit()):
-            raise NodeError(
-                f"{spec.name}: proxy_jump {spec.proxy_jump!r}: {text.strip()!r} is not [user@]host[:port]",
-                node=spec.name,
-            )
-        hops.append(JumpHop(host, int(port_text) if port_text else None, user or None))
-    return hops
-
-
 def _trusted_files(spec: NodeSpec, farm_known_hosts: Path) -> list[str]:
     if spec.known_hosts is not None:
         return [str(spec.known_hosts.expanduser())]
@@ -281,7 +255,7 @@ async def _open_jumps(spec: NodeSpec, files: Sequence[str]) -> asyncssh.SSHClien
     trust ~/.ssh/known_hosts alone and offer only the default keys. ``None`` without bastions
     (asyncssh then follows a ProxyJump of ~/.ssh/config itself, as ssh does)."""
     tunnel = None
-    for hop in jump_hops(spec):
+    for hop in spec.jump_hops:
         options = {key: value for key, value in _options(spec).items() if key not in ("port", "username")}
         if hop.port is not None:
             options["port"] = hop.port

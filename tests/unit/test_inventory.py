@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from farm.errors import InputError, InventoryError
-from farm.inventory import Inventory, NodeSpec, load_inventory, parse_inventory
+from farm.inventory import Inventory, JumpHop, NodeSpec, load_inventory, parse_inventory
 from farm.platforms import Platform
 
 SOURCE = "lab/inventory.yaml"
@@ -244,3 +244,35 @@ def test_load_inventory_of_a_missing_file_hints_how_to_pass_one(tmp_path: Path) 
 def test_every_shipped_inventory_loads(path: Path) -> None:
     inventory = load_inventory(path)
     assert inventory.nodes
+
+
+def test_no_bastion_means_no_hops() -> None:
+    assert NodeSpec(name="pi", host="10.0.0.2").jump_hops == ()
+    assert NodeSpec(name="pi", host="10.0.0.2", proxy_jump="").proxy_jump is None
+
+
+@pytest.mark.parametrize(
+    ("text", "hops"),
+    [
+        ("bastion", (JumpHop("bastion"),)),
+        ("ops@bastion:2222", (JumpHop("bastion", 2222, "ops"),)),
+        ("a, me@b:22", (JumpHop("a"), JumpHop("b", 22, "me"))),
+        ("user@corp@gw", (JumpHop("gw", None, "user@corp"),)),
+    ],
+)
+def test_bastions_are_hops_in_the_order_they_are_passed(text: str, hops: tuple[JumpHop, ...]) -> None:
+    assert NodeSpec(name="pi", host="10.0.0.2", proxy_jump=text).jump_hops == hops
+
+
+@pytest.mark.parametrize("text", ["ops@", "@gw", "bastion:ssh", "gw:0", "gw:70000", "a,,b", ":22"])
+def test_a_malformed_bastion_is_an_inventory_error_naming_the_node_and_field(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(f"nodes:\n  - name: z\n    host: z.internal\n    proxy_jump: {text!r}\n")
+    with pytest.raises(InputError) as caught:
+        load_inventory(path)
+    assert str(path) in caught.value.message
+    assert "node 'z'" in caught.value.message
+    assert "proxy_jump" in caught.value.message
+    assert "is not [user@]host[:port]" in caught.value.message
