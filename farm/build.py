@@ -498,7 +498,7 @@ async def _build_platform(
     assert node.facts is not None
     started = time.monotonic()
     async with open_session(name, node.transport, node.spec.agent_workdir()) as session:
-        await _ensure_synced(
+        await _sync_for_build(
             session,
             node,
             context,
@@ -548,16 +548,16 @@ async def _build_platform(
     )
 
 
-async def _ensure_synced(
+async def _sync_for_build(
     session: AgentSession, node: Node, context: Context, report: Callable[[str, ContextSync | None], None]
 ) -> None:
-    """Sync the context to a node once per build, however many of its platforms run there."""
-    async with node.synced:
-        if context.digest in node.synced_contexts:
-            return
+    """Sync the context in the session that builds it: the agent leases what it holds for as long as
+    that session lives, so nothing the build lays out can be evicted before it is laid out (a sync
+    in an earlier session holds nothing once that session ends). One sync at a time per node: the
+    node's other platforms find nothing left to send, only the manifest goes again."""
+    async with node.syncing:
         report(f"{len(context.entries)} entries, {context.size} bytes", None)
         blobs, sent = await session.sync(context)
-        node.synced_contexts.add(context.digest)
         report(f"sent {blobs} files, {sent} bytes", ContextSync(context.size, blobs, sent))
 
 

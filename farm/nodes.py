@@ -29,8 +29,7 @@ class Node:
     facts: NodeFacts | None = None
     builder: str = ""
     problem: FarmError | None = None  # why the node cannot take work now
-    synced: asyncio.Lock = field(default_factory=asyncio.Lock)
-    synced_contexts: set[str] = field(default_factory=set)
+    syncing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one context sync at a time
 
     @property
     def name(self) -> str:

@@ -283,6 +283,25 @@ def test_metrics_count_builds_by_platform_mode_and_result(
     )
 
 
+def test_a_context_the_node_evicted_since_is_sent_again(
+    tmp_path: Path, server: Server, registry: lab.Registry, node_workdir: Path
+) -> None:
+    """The node has evicted the files of a context sent to it before: the next build sends them
+    again."""
+    context = small_context(tmp_path / "ctx", registry, text=str(uuid.uuid4()))
+    build = ["build", "--platform", "linux/amd64", "--no-cache", "--progress", "plain", str(context)]
+    first = lab.farm(*build, "-t", f"{registry.host}/serve/evicted:1", env=server.env())
+    assert first.code == 0, first.stderr
+    blobs = [path for path in node_workdir.rglob("cas/sha256/*") if path.is_file()]
+    assert blobs
+    for blob in blobs:  # as the store's LRU eviction would, for another build's room
+        blob.unlink()
+    second = lab.farm(*build, "-t", f"{registry.host}/serve/evicted:2", env=server.env())
+    assert second.code == 0, second.stderr
+    files = len([path for path in context.rglob("*") if path.is_file()])
+    assert f"syncing: sent {files} files" in second.stderr
+
+
 def test_a_failing_build_exits_as_a_local_one_does(
     tmp_path: Path, server: Server, registry: lab.Registry
 ) -> None:
