@@ -34,7 +34,7 @@ from agent.protocol import (
     read_payload,
 )
 from agent.slots import hold_slot
-from agent.store import DEFAULT_LIMIT, ContentStore, UnsafeEntryError, check_entries
+from agent.store import DEFAULT_LIMIT, MANIFEST_MAX_AGE, ContentStore, UnsafeEntryError, check_entries
 from agent.upload import PushError, push_layout
 
 __all__ = ["main"]
@@ -155,6 +155,7 @@ class Agent:
         if needed:  # only a sync that adds blobs can take the store over its limit: each evicts after
             limit = message.get("store_limit")
             self.store.evict(int(limit) if limit else DEFAULT_LIMIT)
+            self.store.drop_stale_manifests(MANIFEST_MAX_AGE)
 
     def _build(self, request: Message, runner: Runner) -> None:
         build_id = str(request.get("build_id", ""))

@@ -1,7 +1,8 @@
 """The node's content store and the build contexts laid out from it.
 
 Files arrive by sha256 and are kept under ``ROOT/cas``; a context manifest names them by path and
-is kept under ``ROOT/contexts`` as the very bytes its digest names. Every entry is checked before
+is kept under ``ROOT/contexts`` as the very bytes its digest names (for a day after its last sync:
+every build syncs first). Every entry is checked before
 anything touches the disk: a hostile or broken coordinator must not be able to write outside the
 build folder, plant device files or links that escape.
 
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from typing import IO
 
@@ -31,6 +33,7 @@ __all__ = ["ContentStore", "UnsafeEntryError", "check_entries"]
 
 _CHUNK = 1024 * 1024
 DEFAULT_LIMIT = 4 * 1024**3
+MANIFEST_MAX_AGE = 24 * 3600
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
 # Lease files are named by process and number: unique however many stores one process opens.
 _lease_numbers = itertools.count()
@@ -126,6 +129,25 @@ class ContentStore:
                         continue
                     freed += size
         return freed
+
+    def drop_stale_manifests(self, max_age: float, keep: Iterable[str] = ()) -> int:
+        """Delete the manifests of contexts not synced for ``max_age`` seconds, but those in ``keep``.
+
+        A manifest is read by the build that follows its sync, moments later; every build syncs
+        again first, which rewrites it. Old ones only fill the disk. Returns how many went.
+        """
+        kept = {os.path.basename(self._manifest_path(digest)) for digest in keep}
+        oldest = time.time() - max_age
+        dropped = 0
+        with os.scandir(self._contexts) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name in kept:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime < oldest:
+                        os.unlink(entry.path)
+                        dropped += 1
+        return dropped
 
     def receive(self, digest: str, size: int, stream: IO[bytes]) -> None:
         """Copy ``size`` bytes from ``stream`` into the store, refusing them if the hash differs."""

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from agent import protocol
 from agent.protocol import Entry, context_digest, entries_from_json
-from agent.store import ContentStore, UnsafeEntryError, check_entries
+from agent.store import MANIFEST_MAX_AGE, ContentStore, UnsafeEntryError, check_entries
 from farm.errors import InputError
 
 __all__ = ["ByteStream", "ContextStore"]
@@ -184,6 +184,8 @@ class ContextStore:
             with contextlib.suppress(InputError):
                 keep_blobs += self.blob_sizes(digest)
         await asyncio.to_thread(self.store.evict, store_limit, keep_blobs)
+        in_use = keep_contexts | set(self._in_use)
+        await asyncio.to_thread(self.store.drop_stale_manifests, MANIFEST_MAX_AGE, in_use)
 
 
 def _checked(digest: str) -> str:

@@ -230,3 +230,23 @@ def test_a_store_honours_the_leases_of_another_store_in_its_own_process(tmp_path
     holder.release_leases()
     assert os.listdir(tmp_path / "leases") == [".lock"]
     assert evictor.evict(0) == 100
+
+
+def test_manifests_not_synced_for_a_day_are_dropped_but_those_kept(tmp_path: Path) -> None:
+    store = ContentStore(str(tmp_path))
+    contexts = {}
+    for name, age in (("fresh", 0), ("stale", 2 * 24 * 3600), ("queued", 3 * 24 * 3600)):
+        blob = put(store, name.encode())
+        entries: list[Entry] = [(f"{name}.txt", 0o100644, len(name), blob, "")]
+        digest = context_digest(entries)
+        store.save_context(digest, entries)
+        manifest = tmp_path / "contexts" / f"sha256-{digest.removeprefix('sha256:')}.json"
+        when = manifest.stat().st_mtime - age
+        os.utime(manifest, (when, when))
+        contexts[name] = digest
+
+    assert store.drop_stale_manifests(24 * 3600, keep=[contexts["queued"]]) == 1
+    assert store.has_context(contexts["fresh"])
+    assert store.has_context(contexts["queued"])
+    assert not store.has_context(contexts["stale"])
+    assert present(store, [digest_of(b"stale")]) == [True]  # its blob goes by eviction, not here
