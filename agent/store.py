@@ -178,7 +178,11 @@ class ContentStore:
             raise
 
     def save_context(self, context_digest: str, entries: list[Entry]) -> None:
-        self.save_manifest(context_digest, canonical_manifest(entries))
+        """Keep the manifest of ``entries``; ``ValueError`` if it does not hash to ``context_digest``."""
+        manifest = canonical_manifest(entries)
+        if manifest_digest(manifest) != context_digest:
+            raise ValueError(f"the context manifest does not hash to {context_digest!r}")
+        self.save_manifest(context_digest, manifest)
 
     def save_manifest(self, context_digest: str, manifest: bytes) -> None:
         """Keep a context's manifest: ``canonical_manifest`` of its entries, which hashes to its digest."""

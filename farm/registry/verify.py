@@ -82,7 +82,10 @@ def image_document(manifest: Manifest, ref: Reference) -> dict[str, Any]:
 
 def config_platform(config: bytes, ref: Reference) -> Platform:
     """The platform an image config (its raw bytes) names, normalised."""
-    document = json.loads(config)
+    try:
+        document = json.loads(config)
+    except ValueError:
+        document = None
     if not isinstance(document, dict):
         raise VerificationError(f"the config of {ref} is not a JSON object")
     try:

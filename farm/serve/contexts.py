@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import protocol
-from agent.protocol import Entry, context_digest, entries_from_json
+from agent.protocol import Entry, entries_from_json
 from agent.store import MANIFEST_MAX_AGE, ContentStore, UnsafeEntryError, check_entries
 from farm.errors import InputError
 
@@ -62,9 +62,10 @@ class ContextStore:
             check_entries(checked)
         except (protocol.ProtocolError, UnsafeEntryError) as exc:
             raise InputError(f"refused the context manifest: {exc}") from exc
-        if not isinstance(digest, str) or context_digest(checked) != digest:
-            raise InputError(f"the context manifest does not hash to {digest!r}")
-        self.store.save_context(digest, checked)
+        try:
+            self.store.save_context(str(digest), checked)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
         sizes = _blob_sizes(checked)
         missing = self.store.missing(sizes)
         return missing, sum(sizes[d] for d in missing), sum(sizes.values())

@@ -117,6 +117,15 @@ def test_a_manifest_is_kept_as_the_bytes_its_digest_names(tmp_path: Path) -> Non
     assert store.has_context(digest)
 
 
+def test_a_manifest_is_not_kept_under_a_digest_it_does_not_hash_to(tmp_path: Path) -> None:
+    store = ContentStore(str(tmp_path))
+    entries = manifest_of(store, b"a")
+    wrong = context_digest(manifest_of(store, b"b"))
+    with pytest.raises(ValueError, match="does not hash to"):
+        store.save_context(wrong, entries)
+    assert not store.has_context(wrong)
+
+
 def test_a_damaged_manifest_is_noticed(tmp_path: Path) -> None:
     store = ContentStore(str(tmp_path))
     entries = manifest_of(store, b"a")

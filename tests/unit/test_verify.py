@@ -42,6 +42,7 @@ def test_a_config_naming_another_platform_is_refused_with_both_named() -> None:
     ("raw", "expected"),
     [
         (b"[1, 2]", "is not a JSON object"),
+        (b"\x1f\x8b not JSON at all", "is not a JSON object"),
         (config(os="linux", architecture="vax"), "has an image config with"),
     ],
 )
