@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,15 +24,29 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Callable
 
 __all__ = [
+    "ISOLATIONS",
+    "NETWORKS",
     "BuildSpec",
     "BuilderFailed",
     "Cancelled",
     "Runner",
     "export_image",
+    "oci_runtime",
+    "private_network_ready",
     "storage_command",
     "storage_driver",
     "tidy_store",
 ]
+
+# How a RUN step is kept from the node: "oci" runs it in its own PID, mount, IPC, UTS and network
+# namespaces under runc; "chroot" only changes its root (as root, no sandbox at all: see README).
+ISOLATIONS = ("oci", "chroot")
+# A RUN step's network, by buildx's names: "default" is a namespace of its own with outbound
+# access through slirp4netns and no view of the node's interfaces or loopback services; "host" is
+# the node's own; "none" is none at all.
+NETWORKS = ("default", "host", "none")
+# slirp4netns's fixed addresses: its DNS forwarder in the namespace it serves.
+_SLIRP_DNS = "10.0.2.3"
 
 LOG_TAIL = 30
 _KILL_GRACE = 5.0
@@ -154,7 +169,13 @@ class BuildSpec:
         build_args: dict[str, str],
         target: str,
         insecure_registries: Sequence[str],
+        isolation: str = "oci",
+        network: str = "default",
     ) -> None:
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"unknown isolation {isolation!r}")
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}")
         self.builder = builder
         self.workdir = workdir
         self.build_dir = build_dir
@@ -165,7 +186,9 @@ class BuildSpec:
         self.dockerfile = dockerfile
         self.build_args = build_args
         self.target = target
-        self.insecure_registries = list(insecure_registries)
+        self.insecure_registries = [_checked_host(host) for host in insecure_registries]
+        self.isolation = isolation
+        self.network = network
 
 
 def export_image(spec: BuildSpec, runner: Runner) -> str:
@@ -182,36 +205,105 @@ def export_image(spec: BuildSpec, runner: Runner) -> str:
 
 
 def _common_build_flags(spec: BuildSpec, iidfile: str) -> list[str]:
+    """Flags every builder takes. Build arguments name their keys only: their values reach the
+    builder through its environment, never its command line (which every user of the node can
+    read in ``ps``)."""
     flags = ["--platform", spec.platform, "-f", spec.dockerfile_path, "--iidfile", iidfile]
-    for key, value in sorted(spec.build_args.items()):
-        flags += ["--build-arg", f"{key}={value}"]
+    for key in sorted(spec.build_args):
+        flags += ["--build-arg", key]
     if spec.target:
         flags += ["--target", spec.target]
     return flags
 
 
+def _builder_environment(spec: BuildSpec) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in spec.build_args}
+    env.update(spec.build_args)
+    return env
+
+
 def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
     base = storage_command(spec.builder, spec.workdir)
-    env = dict(os.environ)
+    env = _builder_environment(spec)
     env["CONTAINERS_REGISTRIES_CONF"] = _write_registries_conf(spec)
     iidfile = os.path.join(spec.build_dir, "iid")
-    build = ["bud", "--isolation", "chroot"] if spec.builder == "buildah" else ["build"]
+    build = [*base, "bud" if spec.builder == "buildah" else "build", "--layers"]
+    if spec.isolation == "oci":
+        runtime = oci_runtime()
+        if runtime is None:
+            raise BuilderFailed("this node has no OCI runtime (runc) to isolate RUN steps with", [])
+        build += ["--isolation", "oci", "--runtime", runtime]
+    else:
+        build += ["--isolation", "chroot"]
+    if spec.network == "default":
+        build += ["--network", "ns:" + _NETNS_PLACEHOLDER, "--dns", _SLIRP_DNS]
+    else:
+        build += ["--network", spec.network]
+    build += [*_common_build_flags(spec, iidfile), spec.context_dir]
+    if spec.network == "default":
+        build = _in_private_network(base, build)
     # Builds share the store; tidying it takes it alone (see tidy_store).
     with _storage_lock(spec.workdir, exclusive=False):
-        runner.run(
-            [
-                *base,
-                *build,
-                "--layers",
-                "--network",
-                "host",
-                *_common_build_flags(spec, iidfile),
-                spec.context_dir,
-            ],
-            env,
-        )
+        runner.run(build, env)
         # The image stays in the store: its layers are the cache of the next build of this context.
         runner.run([*base, "push", "--quiet", _read(iidfile), "oci:" + spec.layout_dir], env, quiet=True)
+
+
+# Run as ``python3 -I -c _PRIVATE_NETWORK SLIRP4NETNS BUILDER-ARGV...``: a network namespace held
+# open by a child, slirp4netns giving it outbound access (and no way to the node's loopback), then
+# the builder with the namespace's path in place of the placeholder. Rootless, this runs inside
+# ``buildah unshare``: the namespace then belongs to the user namespace the builder runs in, the
+# only one whose RUN steps may join it. Everything here is in the guard's process group, so a
+# killed build takes the holder and slirp4netns with it.
+_NETNS_PLACEHOLDER = "@FARM-NETNS@"
+_PRIVATE_NETWORK = """import os, subprocess, sys
+slirp, command = sys.argv[1], sys.argv[2:]
+holder = subprocess.Popen(
+    ["unshare", "--net", "--", sys.executable, "-I", "-c",
+     "import sys; print('ready', flush=True); sys.stdin.read()"],
+    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+)
+if holder.stdout.readline() != b"ready\\n":
+    sys.stderr.write("farm: cannot create the build's network namespace (unshare --net failed)\\n")
+    sys.exit(125)
+ready_read, ready_write = os.pipe()
+network = subprocess.Popen(
+    [slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--ready-fd=%d" % ready_write,
+     str(holder.pid), "tap0"],
+    stdout=subprocess.DEVNULL, pass_fds=(ready_write,),
+)
+os.close(ready_write)
+if os.read(ready_read, 1) != b"1":
+    sys.stderr.write("farm: slirp4netns could not give the build its network\\n")
+    sys.exit(125)
+namespace = "/proc/%d/ns/net" % holder.pid
+code = subprocess.call([part.replace("@FARM-NETNS@", namespace) for part in command])
+network.terminate()
+holder.stdin.close()
+network.wait()
+holder.wait()
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def _in_private_network(store: list[str], build: list[str]) -> list[str]:
+    slirp = shutil.which("slirp4netns")
+    if slirp is None:
+        raise BuilderFailed("this node lacks slirp4netns, which gives RUN steps a private network", [])
+    wrapped = [sys.executable, "-I", "-c", _PRIVATE_NETWORK, slirp, *build]
+    if os.geteuid() == 0:
+        return wrapped
+    return [*store, "unshare", "--", *wrapped]
+
+
+def oci_runtime() -> str | None:
+    """The OCI runtime RUN steps are sandboxed with: runc (crun fails on hybrid cgroups)."""
+    return shutil.which("runc")
+
+
+def private_network_ready() -> bool:
+    """Can builds here get a private network (``unshare`` and ``slirp4netns``)?"""
+    return shutil.which("slirp4netns") is not None and shutil.which("unshare") is not None
 
 
 def storage_command(builder: str, workdir: str) -> list[str]:
@@ -250,7 +342,12 @@ def storage_driver(workdir: str) -> str:
 
 
 def _overlay_mounts(folder: str) -> bool:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
+    """Can overlay be mounted here: as root, or rootless in a user namespace (Linux 5.11 and
+    newer), as the builder itself will mount it?"""
+    if shutil.which("mount") is None:
+        return False
+    as_user = [] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--mount", "--"]
+    if as_user and shutil.which("unshare") is None:
         return False
     probe = os.path.join(folder, ".overlay-probe")
     parts = {name: os.path.join(probe, name) for name in ("lower", "upper", "work", "merged")}
@@ -259,16 +356,17 @@ def _overlay_mounts(folder: str) -> bool:
             os.makedirs(path, exist_ok=True)
         options = "lowerdir={lower},upperdir={upper},workdir={work}".format(**parts)
         mounted = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, parts["merged"]],
+            [*as_user, "mount", "-t", "overlay", "overlay", "-o", options, parts["merged"]],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=30,
         )
         if mounted.returncode != 0:
             return False
-        subprocess.run(
-            ["umount", parts["merged"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30
-        )
+        if not as_user:  # a user namespace's mounts end with it
+            subprocess.run(
+                ["umount", parts["merged"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30
+            )
         return True
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -315,6 +413,16 @@ def tidy_store(builder: str, workdir: str, runner: Runner, min_free: int) -> Non
             runner.run([*store, "rmi", "--all", "--force"], quiet=True)
 
 
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)(:[0-9]{1,5})?$")
+
+
+def _checked_host(host: str) -> str:
+    """A registry ``host[:port]``: nothing that could add settings to ``registries.conf``."""
+    if not isinstance(host, str) or not _HOST.match(host):
+        raise ValueError(f"{host!r} is not a registry host[:port]")
+    return host
+
+
 def _write_registries_conf(spec: BuildSpec) -> str:
     """Plain-HTTP registries for this build only, without touching the node's own config."""
     path = os.path.join(spec.build_dir, "registries.conf")
@@ -326,12 +434,13 @@ def _write_registries_conf(spec: BuildSpec) -> str:
 
 
 def _build_with_docker(spec: BuildSpec, runner: Runner) -> None:
-    env = dict(os.environ)
+    env = _builder_environment(spec)
     # The classic builder honours --platform; BuildKit needs buildx, which nodes may lack.
     env["DOCKER_BUILDKIT"] = "0"
     iidfile = os.path.join(spec.build_dir, "iid")
+    # dockerd runs RUN steps in its own containers (runc, its own namespaces): isolation is its.
     runner.run(
-        ["docker", "build", "--network", "host", *_common_build_flags(spec, iidfile), spec.context_dir],
+        ["docker", "build", "--network", spec.network, *_common_build_flags(spec, iidfile), spec.context_dir],
         env,
     )
     image_id = _read(iidfile)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import pwd
 import shutil
 import struct
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from agent import AGENT_VERSION
+from agent.builders import oci_runtime, private_network_ready
 
 __all__ = ["BUILDERS", "probe"]
 
@@ -39,7 +41,36 @@ def probe(workdir: str) -> dict[str, Any]:
         "workdir": os.path.abspath(workdir),
         "builders": [name for name in BUILDERS if _builder_works(name)],
         "emulators": _emulators(),
+        # Who builds here, and how RUN steps can be kept from the node (see agent.builders).
+        "uid": os.geteuid(),
+        "user": _user_name(),
+        "oci_runtime": oci_runtime() or "",
+        "private_network": private_network_ready(),
+        "rootless_ready": os.geteuid() == 0 or _has_subordinate_ids(),
     }
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _has_subordinate_ids() -> bool:
+    """A rootless builder maps a build's users to the ranges /etc/subuid and /etc/subgid give this
+    user, through the setuid newuidmap and newgidmap."""
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return False
+    names = {_user_name(), str(os.geteuid())}
+    for path in ("/etc/subuid", "/etc/subgid"):
+        try:
+            with open(path) as ranges:
+                if not any(line.split(":", 1)[0] in names for line in ranges):
+                    return False
+        except OSError:
+            return False
+    return True
 
 
 def _memory_bytes() -> int:

@@ -206,7 +206,9 @@ class Agent:
             dockerfile=str(request["dockerfile"]),
             build_args=_string_map(request.get("build_args", {})),
             target=str(request.get("target") or ""),
-            insecure_registries=[str(host) for host in request.get("insecure_registries", [])],
+            insecure_registries=list(request.get("insecure_registries", [])),
+            isolation=str(request.get("isolation", "oci")),
+            network=str(request.get("network", "default")),
         )
         self.store.lay_out(entries, spec.context_dir)
         waiting = "farm: every build slot of this node is taken; waiting for one"
@@ -260,6 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="farm-agent", description="farm's node agent")
     parser.add_argument("--workdir", default=os.path.expanduser("~/.cache/farm-agent"))
     args = parser.parse_args(argv)
-    os.makedirs(args.workdir, exist_ok=True)
+    prepare_workdir(args.workdir)
     Agent(args.workdir, sys.stdin.buffer, sys.stdout.buffer).serve()
     return 0
+
+
+def prepare_workdir(workdir: str) -> None:
+    """The workdir is this user's alone (contexts, build arguments, the builder's store), and so is
+    the runtime folder a rootless builder needs; a login without a session (sshd without PAM, the
+    local node's switch of user) sets none."""
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    os.chmod(workdir, 0o700)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if not runtime or not os.access(runtime, os.W_OK | os.X_OK):
+        runtime = os.path.join(os.path.abspath(workdir), "run")
+        os.makedirs(runtime, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = runtime

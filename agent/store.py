@@ -51,8 +51,11 @@ class ContentStore:
         self._blobs = os.path.join(root, "cas", "sha256")
         self._contexts = os.path.join(root, "contexts")
         self._leases = os.path.join(root, "leases")
+        # Readable by the agent's user alone: contexts are the submitters' source code.
         for folder in (self._blobs, self._contexts, self._leases):
-            os.makedirs(folder, exist_ok=True)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        for folder in (root, os.path.dirname(self._blobs), self._blobs, self._contexts, self._leases):
+            os.chmod(folder, 0o700)
         self._partials = itertools.count()
         self._held: list[tuple[str, int]] = []  # this store's leases: (path, descriptor holding its lock)
 
@@ -155,7 +158,7 @@ class ContentStore:
         hasher = hashlib.sha256()
         partial = self._partial_path(self._blobs)
         # Few system calls per blob: contexts are often thousands of small files.
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
         try:
             remaining = size
             while remaining:
@@ -187,7 +190,7 @@ class ContentStore:
     def save_manifest(self, context_digest: str, manifest: bytes) -> None:
         """Keep a context's manifest: ``canonical_manifest`` of its entries, which hashes to its digest."""
         partial = self._partial_path(self._contexts)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
         try:
             _write_all(fd, manifest)
         except BaseException:

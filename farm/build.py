@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,6 +82,10 @@ class BuildOptions(BaseModel):
     allow_partial: bool = Field(default=False, description="push what succeeded, list what did not")
     no_cache: bool = Field(default=False, description="build even what an earlier build already made")
     annotations: dict[str, str] = Field(default_factory=dict, description="index annotations")
+    network: Literal["default", "host", "none"] = Field(
+        default="default",
+        description="RUN steps' network, by buildx's names: their own with outbound access, the node's, none",
+    )
 
 
 @dataclass(frozen=True)
@@ -522,6 +526,8 @@ async def _build_platform(
                 "build_args": build_args,
                 "target": options.target,
                 "builder": node.builder,
+                "isolation": node.spec.isolation,
+                "network": options.network,
                 "slots": node.spec.slots,
                 "insecure_registries": [h for h in plain_http if client.is_plain_http(h)],
                 "push": {

@@ -97,6 +97,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 )
 @click.option("--target", default="", help="Build this stage of the Dockerfile.")
 @click.option(
+    "--network",
+    type=click.Choice(["default", "host", "none"]),
+    default="default",
+    show_default=True,
+    help="RUN steps' network: their own with outbound access (default), the node's own, or none.",
+)
+@click.option(
     "--emulation",
     "emulation",
     multiple=True,
@@ -165,6 +172,7 @@ def build(
     dockerfile: Path | None,
     build_args: tuple[str, ...],
     target: str,
+    network: str,
     inventory: Path | None,
     state_dir: Path,
     metadata_file: Path | None,
@@ -203,6 +211,7 @@ def build(
             platforms=tuple(parse_platform_list(platforms)) if platforms else (_this_platform(),),
             build_args=_parse_build_args(build_args),
             target=target,
+            network=network,  # type: ignore[arg-type]  # click.Choice checked it
             insecure_registries=insecure,
             append=append,
             annotations=_parse_pairs(annotations, "--annotation"),

@@ -4,7 +4,7 @@
       emulation: true
     nodes:
       - name: local
-        local: true      # this machine, reached without SSH
+        local: true      # this machine, reached without SSH; its agent runs as farm-build
       - name: pi4
         host: 192.0.2.10
         user: farm
@@ -26,7 +26,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.errors import InventoryError, PlatformError
-from farm.paths import CACHE_DIR
 from farm.platforms import Platform, parse_platform
 
 __all__ = [
@@ -85,6 +84,11 @@ class NodeSpec(BaseModel):
     speed: float = Field(default=1.0, gt=0, description="relative build speed: among equals, faster wins")
     workdir: str | None = Field(default=None, description="where the agent keeps its cache and builds")
     labels: dict[str, str] = Field(default_factory=dict)
+    isolation: Literal["oci", "chroot"] = Field(
+        default="oci",
+        description="how RUN steps are kept from the node: an OCI sandbox (runc), or chroot, which "
+        "is no sandbox and must be chosen on purpose",
+    )
 
     @field_validator("name")
     @classmethod
@@ -124,11 +128,18 @@ class NodeSpec(BaseModel):
     def jump_hops(self) -> tuple[JumpHop, ...]:
         return parse_jump_hops(self.proxy_jump) if self.proxy_jump else ()
 
+    @property
+    def root_on_purpose(self) -> bool:
+        """The inventory says the agent runs as root here: its builds then run as root too."""
+        return self.user == "root"
+
     def agent_workdir(self) -> str:
+        """Where the agent keeps its cache and builds, in its own user's home unless set: a local
+        node's agent runs as a user of its own too (see ``farm.transport.local``)."""
         if self.workdir:
             return self.workdir
         if self.local:
-            return str(CACHE_DIR / "nodes" / self.name)
+            return f"~/.cache/farm-agent/nodes/{self.name}"
         return ".cache/farm-agent"
 
 

@@ -41,6 +41,15 @@ class NodeFacts(BaseModel):
     workdir: str
     builders: tuple[str, ...]
     emulators: tuple[str, ...]
+    uid: int = -1  # the agent's user: 0 is root
+    user: str = ""
+    oci_runtime: str = ""  # runc's path: RUN steps can be sandboxed
+    private_network: bool = False  # RUN steps can get a network of their own (slirp4netns)
+    rootless_ready: bool = False  # a non-root agent has subordinate ids for a rootless builder
+
+    @property
+    def runs_as_root(self) -> bool:
+        return self.uid == 0
 
     @property
     def native_platform(self) -> Platform:

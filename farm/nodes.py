@@ -18,7 +18,7 @@ from farm.nodefacts import NodeFacts
 from farm.session import open_session
 from farm.transport import LocalTransport, Transport
 
-__all__ = ["Node", "check_nodes", "open_nodes", "probe"]
+__all__ = ["Node", "check_nodes", "containment_problem", "open_nodes", "probe"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ async def open_nodes(
 
     def transport(spec: NodeSpec) -> Transport:
         if spec.local:
-            return LocalTransport()
+            return LocalTransport(spec)
         assert connections is not None
         return SshTransport(spec, connections)
 
@@ -88,6 +88,9 @@ async def probe(node: Node) -> None:
             hint="fix 'platforms' for this node, or drop it to use what the node reports",
         )
         return
+    node.problem = containment_problem(node.spec, facts)
+    if node.problem is not None:
+        return
     wanted = node.spec.builder
     available = facts.builders
     if wanted == "auto":
@@ -100,6 +103,41 @@ async def probe(node: Node) -> None:
             node=node.name,
             hint="install buildah, podman or docker on the node, or set 'builder' to one it has",
         )
+
+
+def containment_problem(spec: NodeSpec, facts: NodeFacts) -> NodeError | None:
+    """Why this node cannot contain a build as the inventory asks, if it cannot: an agent running
+    as root that the inventory did not put there, RUN steps it cannot sandbox, a rootless builder
+    without subordinate ids. Weaker containment is never chosen silently."""
+    if facts.runs_as_root and not spec.root_on_purpose:
+        return NodeError(
+            f"{spec.name}: the agent runs as root there; a build that escapes its sandbox would be root",
+            node=spec.name,
+            hint="log in as an unprivileged user (deploy/node/setup-node.sh creates one), or set "
+            "'user: root' on this node to build as root on purpose",
+        )
+    containers_tools = {"buildah", "podman"} & set(facts.builders)
+    if spec.isolation == "oci" and containers_tools and not facts.oci_runtime:
+        return NodeError(
+            f"{spec.name}: no OCI runtime (runc) there to sandbox RUN steps with",
+            node=spec.name,
+            hint="install runc on the node (deploy/node/setup-node.sh does), or set "
+            "'isolation: chroot' on this node to build without a sandbox on purpose",
+        )
+    if containers_tools and not facts.private_network:
+        return NodeError(
+            f"{spec.name}: RUN steps cannot get a network of their own there (no slirp4netns)",
+            node=spec.name,
+            hint="install slirp4netns on the node (deploy/node/setup-node.sh does)",
+        )
+    if containers_tools and not facts.runs_as_root and not facts.rootless_ready:
+        return NodeError(
+            f"{spec.name}: {facts.user or 'the agent'} has no subordinate uids and gids for rootless builds",
+            node=spec.name,
+            hint=f"add ranges for {facts.user or 'the user'} to /etc/subuid and /etc/subgid and install "
+            "uidmap (deploy/node/setup-node.sh does both)",
+        )
+    return None
 
 
 async def check_nodes(inventory: Inventory, drained: frozenset[str], names: tuple[str, ...]) -> list[Node]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +23,13 @@ def docker() -> None:
 
 
 @pytest.fixture(scope="session")
-def node_workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One agent workdir shared by the session's builds, as a real node keeps its cache."""
-    workdir = tmp_path_factory.mktemp("node")
+def node_workdir() -> Iterator[Path]:
+    """One agent workdir shared by the session's builds, as a real node keeps its cache; the local
+    node's agent runs as the build user, who owns it."""
+    workdir = lab.build_user_dir("node")
     yield workdir
     lab.unmount_below(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

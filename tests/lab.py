@@ -33,8 +33,49 @@ BUSYBOX_LAYOUT = LAB_STATE / "busybox-oci"
 SETUP_HINT = "run deploy/lab/setup.sh (tests/run.sh does) to install and start the lab"
 
 
+# The unprivileged user the local node's agent runs as (deploy/node/setup-node.sh --local makes
+# it; deploy/lab/setup.sh runs that). SSH lab nodes log in as it too.
+BUILD_USER = "farm-build"
+
+
 class LabError(RuntimeError):
     pass
+
+
+def build_user_dir(prefix: str) -> Path:
+    """A new empty folder the build user owns, where it can reach it (pytest's own temporary
+    folders are root's alone): an agent workdir for a test."""
+    import pwd
+    import tempfile
+
+    entry = pwd.getpwnam(BUILD_USER)
+    path = Path(tempfile.mkdtemp(prefix=f"farm-{prefix}-", dir="/tmp"))
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    return path
+
+
+def as_build_user(argv: list[str]) -> list[str]:
+    """``argv`` run as the build user, with its own home and the system's PATH (as farm runs the
+    local node's agent)."""
+    import pwd
+
+    home = pwd.getpwnam(BUILD_USER).pw_dir
+    return [
+        "setpriv", f"--reuid={BUILD_USER}", f"--regid={BUILD_USER}", "--init-groups",
+        "env", "-i", f"HOME={home}", f"USER={BUILD_USER}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        *argv,
+    ]  # fmt: skip
+
+
+def build_user_store(workdir: Path, builder: str = "buildah") -> list[str]:
+    """The builder command, as the build user, on the store its agent keeps in ``workdir``."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from agent.builders import storage_command; "
+        "print(*storage_command(sys.argv[2], sys.argv[3]))"
+    )
+    argv = ["/usr/bin/python3", "-I", "-c", code, str(REPO), builder, str(workdir)]
+    done = subprocess.run(as_build_user(argv), capture_output=True, text=True, timeout=120, check=True)
+    return as_build_user(done.stdout.split())
 
 
 def unmount_below(path: Path) -> None:

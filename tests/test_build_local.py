@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.builders import storage_command
 from tests import lab
 
 pytestmark = pytest.mark.lab
@@ -85,9 +84,12 @@ def test_hello_for_four_platforms_runs_as_each_in_docker(
 
 
 def test_docker_builder_gives_a_docker_manifest_list(
-    tmp_path: Path, registry: lab.Registry, docker: None, node_workdir: Path
+    tmp_path: Path, registry: lab.Registry, docker: None
 ) -> None:
-    inventory = lab.write_inventory(tmp_path / "inventory.yaml", builder="docker", workdir=str(node_workdir))
+    # dockerd's socket is root's: a docker node's agent is root-equivalent, so the inventory says root.
+    inventory = lab.write_inventory(
+        tmp_path / "inventory.yaml", builder="docker", user="root", workdir=str(tmp_path / "node")
+    )
     tag = f"{registry.host}/examples/hello:docker"
     run = lab.farm(
         "build", "-t", tag, "--platform", "linux/arm64,linux/amd64", "--progress", "plain",
@@ -139,11 +141,16 @@ def test_a_base_pulled_for_another_platform_cannot_leak_into_the_image(
     base = f"{registry.host}/library/busybox:latest"
     if builder == "docker":
         lab.run(["docker", "pull", "--platform", "linux/amd64", base])
+        inventory = lab.write_inventory(
+            tmp_path / "inventory.yaml", builder=builder, user="root", workdir=str(tmp_path / "node")
+        )
     else:
-        # Into the very store the node's agent builds with.
-        store = storage_command("buildah", str(node_workdir))
+        # Into the very store the node's agent builds with, as the user it builds as.
+        store = lab.build_user_store(node_workdir)
         lab.run([*store, "pull", "--tls-verify=false", "--platform", "linux/amd64", base])
-    inventory = lab.write_inventory(tmp_path / "inventory.yaml", builder=builder, workdir=str(node_workdir))
+        inventory = lab.write_inventory(
+            tmp_path / "inventory.yaml", builder=builder, workdir=str(node_workdir)
+        )
     context = write_context(tmp_path / "ctx", f"FROM {base}\nRUN uname -m > /built-on\nCMD cat /built-on\n")
     tag = f"{registry.host}/checks/no-leak:{builder}"
     run = lab.farm(

@@ -28,10 +28,14 @@ docker_storage=${FARM_LAB_DOCKER_STORAGE:-vfs}
 # golang-github-opencontainers-image-spec-dev: the OCI image-spec's JSON schemas, which the tests
 # validate every index farm writes against. shellcheck and systemd (systemd-analyze): the checks
 # of deploy/'s scripts and unit.
+# runc, slirp4netns, uidmap: contained rootless builds (each RUN step in an OCI sandbox with a
+# network of its own, as the unprivileged farm-build user). gcc and libc6-dev: the containment
+# tests compile a static probe that tries to escape.
 packages=(
   qemu-user-static binfmt-support buildah skopeo docker-registry openssh-server docker.io
   debootstrap prometheus apache2-utils iproute2 python3-venv python3-pip curl
   golang-github-opencontainers-image-spec-dev shellcheck systemd chromium
+  runc slirp4netns uidmap gcc libc6-dev
 )
 # Debian architecture -> what we need from it; amd64 is native, the rest are foreign.
 foreign_archs=(arm64 armhf armel s390x ppc64el i386)
@@ -152,6 +156,11 @@ for h in "${qemu_handlers[@]}"; do
   grep -q '^flags: .*F' "$binfmt/$h" ||
     die "$h has no F flag in $binfmt/$h: foreign binaries would fail inside containers"
 done
+
+# --- b2. the unprivileged user the local node builds as ------------------------------------------
+# farm runs here as root; its local node's agent (and every build) runs as farm-build, with a
+# rootless buildah. setup-node.sh says "skip" for each part already in place.
+"$repo/deploy/node/setup-node.sh" --local --builder buildah | sed 's/^/  /'
 
 # --- c. Python virtual environment -------------------------------------------------------------
 venv=$repo/.venv

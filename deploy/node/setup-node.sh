@@ -2,16 +2,20 @@
 # Prepare a build node for farm (Debian, Ubuntu, Raspberry Pi OS), as root:
 #
 #   setup-node.sh --authorized-key "ssh-ed25519 AAAA... farm@coordinator" [OPTIONS]
+#   setup-node.sh --local [OPTIONS]     # the coordinator's own machine as its local node
 #
 # What a node needs is small: sshd, python3 3.9 or newer, a builder, and a user farm logs in as.
 # This script checks or installs each and says what it did, one line per step:
 #   1. python3 >= 3.9 (installed if missing; an older one is an error: farm's agent needs 3.9)
 #   2. a builder: docker when a docker daemon already answers (left as it is; the user joins the
-#      docker group), else buildah (installed if missing) with uidmap for rootless builds
+#      docker group), else buildah (installed if missing) with what a contained rootless build
+#      needs: uidmap (subordinate ids), runc (each RUN step in its own OCI sandbox) and slirp4netns
+#      (each RUN step in a network of its own)
 #   3. with --emulation only: qemu-user-static and binfmt-support, and the QEMU handlers enabled
 #      in binfmt_misc, so this node may also build foreign platforms (slowly)
-#   4. the user (default farm): created with a home, a login shell (SSH runs commands through it)
-#      and no password; subordinate uid/gid ranges for rootless buildah/podman
+#   4. the user (default farm; farm-build with --local): created with a home, a login shell (SSH
+#      runs commands through it) and no password; subordinate uid/gid ranges for rootless
+#      buildah/podman. Builds run as this user: never make it root or give it sudo.
 #   5. the coordinator's public key in ~USER/.ssh/authorized_keys, with the `restrict` option
 #      (no port, agent or X11 forwarding, no pty: farm needs none of them)
 #   6. with --workdir: the agent's work folder (content store, builder storage, build folders),
@@ -22,7 +26,9 @@
 #
 # Options:
 #   --authorized-key KEY|FILE  the coordinator's public key: a key line, or a file of key lines
-#                              (repeatable; required)
+#                              (repeatable; required unless --local)
+#   --local                    set up the user a root coordinator's local node ('local: true')
+#                              builds as (farm-build): no SSH key, farm starts its agent itself
 #   --user NAME                the user farm logs in as (default farm)
 #   --builder auto|buildah|podman|docker
 #                              auto (default): docker if its daemon answers, else buildah
@@ -34,7 +40,8 @@ set -euo pipefail
 
 prog=setup-node.sh
 min_python=3.9
-user=farm
+user=
+local=0
 builder=auto
 emulation=0
 workdir=
@@ -113,6 +120,10 @@ while [ $# -gt 0 ]; do
       emulation=1
       shift
       ;;
+    --local)
+      local=1
+      shift
+      ;;
     --dry-run)
       dry_run=1
       shift
@@ -129,8 +140,12 @@ case $builder in
   auto | buildah | podman | docker) ;;
   *) die "--builder must be auto, buildah, podman or docker, not '$builder'" ;;
 esac
+if [ -z "$user" ]; then
+  if [ "$local" = 1 ]; then user=farm-build; else user=farm; fi
+fi
 [[ $user =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "--user '$user' is not a valid user name"
-[ ${#key_sources[@]} -gt 0 ] ||
+[ "$user" != root ] || die "--user root: builds would run as root; farm's agent runs as an unprivileged user"
+[ ${#key_sources[@]} -gt 0 ] || [ "$local" = 1 ] ||
   die "--authorized-key is required: the public key farm's coordinator logs in with (a key line or a file)"
 
 # A key line is "type base64 [comment]"; what identifies the key is "type base64".
@@ -243,6 +258,10 @@ case $builder in
     want_package "$builder"
     # newuidmap/newgidmap: rootless builds map the user's subordinate ids into a user namespace.
     want_package uidmap
+    # runc: every RUN step in its own OCI sandbox (crun fails on hybrid cgroups); slirp4netns:
+    # in a network namespace of its own, with outbound access and no way to the node's loopback.
+    want_package runc
+    want_package slirp4netns
     ;;
 esac
 
@@ -354,12 +373,16 @@ fi
 # --- 5. the authorized key ----------------------------------------------------------------------
 ssh_dir=$home/.ssh
 authorized=$ssh_dir/authorized_keys
-if [ -d "$ssh_dir" ]; then
+if [ "$local" = 1 ] && [ ${#keys[@]} -eq 0 ]; then
+  step ssh "skip: --local (farm starts the agent itself)"
+elif [ -d "$ssh_dir" ]; then
   step ssh "skip: $ssh_dir exists"
 else
   change ssh "create $ssh_dir (mode 0700)" install -d -m 0700 -o "$user" -g "$group" "$ssh_dir"
 fi
-if [ -f "$authorized" ]; then
+if [ "$local" = 1 ] && [ ${#keys[@]} -eq 0 ]; then
+  :
+elif [ -f "$authorized" ]; then
   step ssh "skip: $authorized exists"
 else
   change ssh "create $authorized (mode 0600)" install -m 0600 -o "$user" -g "$group" /dev/null "$authorized"
@@ -399,6 +422,17 @@ fi
 
 # --- what to put in the coordinator's inventory -------------------------------------------------
 [ "$dry_run" = 1 ] && echo "dry run: nothing was changed"
+if [ "$local" = 1 ]; then
+  cat <<EOF
+
+In the coordinator's inventory (farm runs as root and starts the agent as $user):
+  - name: local
+    local: true
+    user: $user
+    builder: $builder
+EOF
+  exit 0
+fi
 cat <<EOF
 
 In the coordinator's inventory (or: farm nodes add $(uname -n) --host ADDRESS --user $user):

@@ -701,7 +701,7 @@ class Coordinator:
         try:
             async with asyncio.timeout(_PROBE_TIMEOUT):
                 if spec.local:
-                    transport = LocalTransport()
+                    transport = LocalTransport(spec)
                 else:
                     from farm.transport.ssh import SshTransport
 

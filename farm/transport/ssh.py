@@ -7,8 +7,9 @@
 * Host keys are verified, always: against the node's ``known_hosts`` or farm's own file plus
   ``~/.ssh/known_hosts``. ``farm nodes add`` pins a new host's key; a changed key is refused,
   naming the host and both fingerprints.
-* Zero install: a stage-one script of a few lines, run by the node's ``python3``, executes the
-  agent cached in the node's workdir under its sha256, or first receives it on stdin.
+* Zero install: a stage-one script of a few lines (``farm.transport.bundle``), run by the node's
+  ``python3``, executes the agent cached in the node's workdir once it hashes to the expected
+  sha256, or first receives it on stdin.
 * ``~/.ssh/config`` is honoured (host aliases, ProxyJump, IdentityFile, Port, User). An inventory's
   ``proxy_jump`` bastions are connected by farm itself, verified and authenticated as the node is.
 """
@@ -27,11 +28,10 @@ from typing import Any
 
 import asyncssh
 
-from agent.protocol import MARKER
 from farm.errors import NodeError
 from farm.inventory import NodeSpec
 from farm.paths import FARM_KNOWN_HOSTS, USER_KNOWN_HOSTS
-from farm.transport.bundle import agent_bundle
+from farm.transport.bundle import answer_stage_one, stage_one_argv
 
 __all__ = [
     "HostKey",
@@ -44,36 +44,7 @@ __all__ = [
 MAX_SESSIONS = 9  # sshd's MaxSessions defaults to 10
 MAX_HANDSHAKES = 8  # below sshd's MaxStartups (10 unauthenticated connections)
 _CONNECT_ATTEMPTS = 3
-_NEED_AGENT = b"FARM-NEED-AGENT"
 _STDERR_LINES = 40
-_MAX_NOISE_LINES = 200
-
-# Stage one, run as `python3 -I -c STAGE1 SHA256 SIZE WORKDIR`: exec the cached agent, or first
-# receive it on stdin (exactly SIZE bytes, read unbuffered so nothing meant for the agent is lost).
-_STAGE1 = """\
-import hashlib, os, sys
-if sys.version_info < (3, 9):
-    sys.stderr.write("farm: python3 is %d.%d; the agent needs 3.9 or newer\\n" % sys.version_info[:2])
-    sys.exit(90)
-digest, size, workdir = sys.argv[1], int(sys.argv[2]), os.path.expanduser(sys.argv[3])
-path = os.path.join(workdir, "agent", "farm-agent-%s.pyz" % digest[:16])
-if not os.path.exists(path):
-    os.write(1, b"FARM-NEED-AGENT\\n")
-    data = b""
-    while len(data) < size:
-        chunk = os.read(0, size - len(data))
-        if not chunk:
-            sys.exit(91)
-        data += chunk
-    if hashlib.sha256(data).hexdigest() != digest:
-        sys.exit(92)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = "%s.%d" % (path, os.getpid())
-    with open(partial, "wb") as out:
-        out.write(data)
-    os.replace(partial, path)
-os.execv(sys.executable, [sys.executable, "-I", path, "--workdir", workdir])
-"""
 
 
 @dataclass(frozen=True)
@@ -391,11 +362,7 @@ class SshTransport:
 
     async def start_agent(self, workdir: str) -> SshProcess:
         connection, sessions = await self._connections.connection(self._spec)
-        bundle = agent_bundle()
-        command = " ".join(
-            shlex.quote(part)
-            for part in ("python3", "-I", "-c", _STAGE1, bundle.sha256, str(len(bundle.data)), workdir)
-        )
+        command = " ".join(shlex.quote(part) for part in stage_one_argv("python3", workdir))
         await sessions.acquire()
         try:
             process = await connection.create_process(command, encoding=None, request_pty=False)
@@ -405,14 +372,5 @@ class SshTransport:
                 f"{self._spec.name}: cannot start the agent: {exc}", node=self._spec.name
             ) from exc
         agent = SshProcess(process, sessions)
-        # Stage one either asks for the agent, or execs the cached one, which prints its marker.
-        # Lines before either (a chatty shell start-up file) are left for the session to skip.
-        for _ in range(_MAX_NOISE_LINES):
-            line = await agent.readline()
-            if line.rstrip(b"\r\n") == _NEED_AGENT:
-                await agent.write(bundle.data)
-                break
-            agent.push_back(line)
-            if not line or line.rstrip(b"\r\n") == MARKER:
-                break
+        await answer_stage_one(agent)
         return agent

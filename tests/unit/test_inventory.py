@@ -208,7 +208,7 @@ def test_agent_workdir_defaults() -> None:
     remote = NodeSpec(name="pi", host="h")
     local = NodeSpec(name="here", local=True)
     assert remote.agent_workdir() == ".cache/farm-agent"
-    assert local.agent_workdir().endswith("/.cache/farm/nodes/here")
+    assert local.agent_workdir() == "~/.cache/farm-agent/nodes/here"
 
 
 def test_the_embedded_default_inventory_loads() -> None:
