@@ -240,8 +240,7 @@ def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
     else:
         build += ["--network", spec.network]
     build += [*_common_build_flags(spec, iidfile), spec.context_dir]
-    if spec.network == "default":
-        build = _in_private_network(base, build)
+    build = _contained(base, build, private_network=spec.network == "default")
     # Builds share the store; tidying it takes it alone (see tidy_store).
     with _storage_lock(spec.workdir, exclusive=False):
         runner.run(build, env)
@@ -286,14 +285,23 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def _in_private_network(store: list[str], build: list[str]) -> list[str]:
-    slirp = shutil.which("slirp4netns")
-    if slirp is None:
-        raise BuilderFailed("this node lacks slirp4netns, which gives RUN steps a private network", [])
-    wrapped = [sys.executable, "-I", "-c", _PRIVATE_NETWORK, slirp, *build]
+def _contained(store: list[str], build: list[str], private_network: bool) -> list[str]:
+    """The build command in a PID namespace of its own, in the private network if asked for, and,
+    rootless, in the builder's user namespace.
+
+    The PID namespace is what makes a killed build end whole: runc starts each RUN step in a
+    session of its own, out of reach of the guard's process group, but when the namespace's first
+    process dies (``--kill-child``: when ``unshare`` does) the kernel kills everything in it,
+    RUN steps included. Its mounts end with it too."""
+    if private_network:
+        slirp = shutil.which("slirp4netns")
+        if slirp is None:
+            raise BuilderFailed("this node lacks slirp4netns, which gives RUN steps a private network", [])
+        build = [sys.executable, "-I", "-c", _PRIVATE_NETWORK, slirp, *build]
+    build = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--", *build]
     if os.geteuid() == 0:
-        return wrapped
-    return [*store, "unshare", "--", *wrapped]
+        return build
+    return [*store, "unshare", "--", *build]
 
 
 def oci_runtime() -> str | None:

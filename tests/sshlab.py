@@ -10,10 +10,12 @@ A lab is a bridge on this machine (``farmbr-<id>``, address ``10.213.<k>.1/24``,
 lab) and, per node, a network namespace (``farm-<id>-<i>``) joined to the bridge by a veth pair
 (``fv-<id>-<i>`` on the host side, ``eth0`` inside, address ``10.213.<k>.<10+i>``). Each node runs
 its own sshd (this machine's ``/usr/sbin/sshd``) on port 22 of its address, in its own UTS
-namespace (``hostname`` prints the node's name), with its own ed25519 host key; root logs in with
-the lab's client key. The namespaces hold only a network (and a host name): files and processes are
-this machine's. Nodes have no default route: they reach the bridge's address (``lab.host_address``,
-where a test can bind a registry, see ``tests.lab.running_registry``) and each other, nothing else.
+namespace (``hostname`` prints the node's name), with its own ed25519 host key; the unprivileged
+build user (``lab.BUILD_USER``, whom farm's inventory names) and root (for the tests' own checks)
+log in with the lab's client key. The namespaces hold only a network (and a host name): files
+and processes are this machine's. Nodes have no default route: they reach the bridge's address
+(``lab.host_address``, where a test can bind a registry, see ``tests.lab.running_registry``) and
+each other, nothing else.
 
 An arm64 node (``lab.add_arm64_node()``) runs the sshd of the arm64 Debian root file system that
 ``deploy/lab/arm64-box.sh`` builds (``ensure_arm64_box()`` runs it; built once, then cached), in a
@@ -244,9 +246,13 @@ class SshNode:
         self.dir = lab_.dir / name  # this node's files on the host
         self.log = self.dir / "sshd.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.user_dir: Path | None = None
         if box is None:
             etc = self.dir
-            self.host_workdir = self.dir / "work"
+            # The agent logs in as the unprivileged build user: its workdir and the authorized key
+            # sshd reads as that user live where it can reach them (the lab's folder is root's).
+            self.user_dir = lab.build_user_dir(f"sshlab-{lab_.id}-{name}")
+            self.host_workdir = self.user_dir / "work"
             self.workdir = str(self.host_workdir)
         else:
             # Mounted in the box at /etc/farm-node and /var/lib/farm (see _box_command).
@@ -272,15 +278,20 @@ class SshNode:
 
     def inventory_entry(self) -> dict[str, object]:
         """This node as an entry of farm's inventory (``nodes:`` list item)."""
-        return {
+        entry: dict[str, object] = {
             "name": self.name,
             "host": self.address,
             "port": self.port,
-            "user": "root",
+            "user": lab.BUILD_USER,
             "identity_file": str(self.lab.client_key),
             "known_hosts": str(self.lab.known_hosts),
             "workdir": self.workdir,
         }
+        if self.box is not None:
+            # The box has no build user and no runc; its builds have no RUN steps (nested
+            # emulation cannot run them), and it is root on purpose, chroot on purpose.
+            entry |= {"user": "root", "isolation": "chroot"}
+        return entry
 
     def ssh_argv(
         self, *command: str, known_hosts: Path | None = None, connect_timeout: int = 10
@@ -388,6 +399,8 @@ class SshNode:
         """Namespace, veth pair on the bridge, addresses, keys, sshd config: everything but sshd."""
         self._etc.mkdir(parents=True, exist_ok=True)
         self.host_workdir.mkdir(parents=True, exist_ok=True)
+        if self.user_dir is not None:
+            shutil.chown(self.host_workdir, lab.BUILD_USER, lab.BUILD_USER)
         _ip("netns", "add", self.netns)
         self.lab._netns.append(self.netns)
         _ip("link", "add", self.host_veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
@@ -405,7 +418,12 @@ class SshNode:
             shutil.copyfile(self.lab.authorized_keys, self._etc / "authorized_keys")
             authorized = f"{self._etc_in_node}/authorized_keys"
         else:
-            authorized = str(self.lab.authorized_keys)
+            assert self.user_dir is not None
+            authorized_file = self.user_dir / "authorized_keys"
+            shutil.copyfile(self.lab.authorized_keys, authorized_file)
+            shutil.chown(authorized_file, lab.BUILD_USER, lab.BUILD_USER)
+            authorized_file.chmod(0o600)
+            authorized = str(authorized_file)
         options = {
             **DEFAULT_SSHD_OPTIONS,
             "ListenAddress": self.address,
@@ -424,13 +442,11 @@ class SshNode:
         else:
             script = _BOX_SCRIPT
             args = [str(self.box), str(self.dir), self.name]
-        # A box node also gets a private mount namespace: its mounts end with its processes.
-        unshare = (
-            ["unshare", "--uts"]
-            if self.box is None
-            else ["unshare", "--uts", "--mount", "--propagation", "private"]
-        )
-        return ["ip", "netns", "exec", self.netns, *unshare, "--", "sh", "-euc", script, "sh", *args]
+        # A mount namespace of the node's own: its mounts end with its processes. Entered with
+        # nsenter, not `ip netns exec`, whose fresh /sys lacks the cgroup file systems runc needs.
+        enter = ["nsenter", f"--net=/run/netns/{self.netns}"]
+        unshare = ["unshare", "--uts", "--mount", "--propagation", "private"]
+        return [*enter, *unshare, "--", "sh", "-euc", script, "sh", *args]
 
     def start_sshd(self) -> None:
         """Start the node's sshd (returns at once; ``wait_ready`` waits for its banner)."""
@@ -481,6 +497,8 @@ class SshNode:
         lab.unmount_below(self.dir)  # overlay storage of builds killed on this node
         _ip("link", "del", self.host_veth, check=False)
         _ip("netns", "del", self.netns, check=False)
+        if self.user_dir is not None:
+            shutil.rmtree(self.user_dir, ignore_errors=True)
 
 
 # Run by sh inside the node's network namespace and a private mount namespace. $1 the box, $2 the

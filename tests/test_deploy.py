@@ -481,6 +481,7 @@ def steps(out: str) -> list[str]:
     return [line for line in out.split("\n\n")[0].splitlines() if re.match(r"^[a-z0-9]+: ", line)]
 
 
+@pytest.mark.timeout(900)  # builds the arm64 box on first use (minutes under QEMU)
 def test_setup_node_for_real_in_a_throwaway_root(box: Box, coordinator_key: Path, tmp_path: Path) -> None:
     """In a real Debian (arm64, under QEMU): plan, set up, set up again (all skips), then farm logs in."""
     public = Path(f"{coordinator_key}.pub")

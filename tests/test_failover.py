@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -33,7 +34,8 @@ def lab_registry(tmp_path: Path, two: sshlab.SshLab) -> Iterator[lab.Registry]:
 
 
 def stuck_on(node: sshlab.SshNode, registry: lab.Registry, root: Path, marker: str) -> Path:
-    """A context whose RUN hangs on ``node`` only (it looks for its own address) and passes elsewhere."""
+    """A context whose RUN hangs on ``node`` only (it looks for its own address, so it needs the
+    node's network: ``start`` asks for ``--network host``) and passes elsewhere."""
     root.mkdir()
     (root / "Dockerfile").write_text(
         f"FROM {registry.host}/library/busybox\n"
@@ -49,7 +51,7 @@ def start(
     return subprocess.Popen(
         [
             sys.executable, "-m", "farm", "build", "-t", f"{registry.host}/{tag}",
-            "--insecure-registry", registry.host, "--progress", "plain",
+            "--insecure-registry", registry.host, "--progress", "plain", "--network", "host",
             "--inventory", str(inventory), *extra, str(context),
         ],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -57,10 +59,8 @@ def start(
 
 
 def kill_agent(node: sshlab.SshNode) -> None:
-    for line in processes_running(node.workdir):
-        pid = int(line.split(":")[0])
-        if "farm-agent" in line:
-            os.kill(pid, signal.SIGKILL)
+    for line in processes_running(f"--workdir {node.workdir}"):  # the agent's own command line
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 def kill_sshd(node: sshlab.SshNode) -> None:
@@ -130,7 +130,11 @@ def test_a_node_out_of_disk_hands_its_platform_on(
     # The first node's workdir is a tiny file system, mounted where its sshd (and so its agent)
     # sees it: `ip netns exec` gave the node a mount namespace of its own.
     in_node = ["nsenter", "--target", str(first.sshd_pid), "--mount"]
-    subprocess.run([*in_node, "mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", first.workdir], check=True)
+    owner = pwd.getpwnam(lab.BUILD_USER)
+    options = (
+        f"size=24m,mode=0700,uid={owner.pw_uid},gid={owner.pw_gid}"  # the agent's user's, as a disk would be
+    )
+    subprocess.run([*in_node, "mount", "-t", "tmpfs", "-o", options, "tmpfs", first.workdir], check=True)
     try:
         inventory = two.write_inventory(tmp_path / "inventory.yaml", slots=1)
         context = tmp_path / "ctx"

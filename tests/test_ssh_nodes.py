@@ -244,6 +244,7 @@ def arm64_box() -> Path:
     return sshlab.ensure_arm64_box()
 
 
+@pytest.mark.timeout(900)  # builds the arm64 box on first use (minutes under QEMU)
 def test_the_arm64_box_is_probed_as_arm64_and_builds_natively(tmp_path: Path, arm64_box: Path) -> None:
     with (
         sshlab.ssh_lab(tmp_path, count=0, arm64=1, box=arm64_box) as box_lab,
@@ -314,7 +315,8 @@ def test_ssh_config_host_aliases_users_and_keys_are_honoured(tmp_path: Path, thr
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "config").write_text(
-        f"Host shelf-pi\n  HostName {node.address}\n  User root\n  IdentityFile {three.client_key}\n"
+        f"Host shelf-pi\n  HostName {node.address}\n  User {lab.BUILD_USER}\n"
+        f"  IdentityFile {three.client_key}\n"
     )
     (home / ".ssh" / "known_hosts").write_text(node.known_hosts_line + "\n")
     inventory = tmp_path / "inventory.yaml"

@@ -52,7 +52,7 @@ def test_inventory_entries_load_as_farm_inventory(three: sshlab.SshLab, tmp_path
     inventory = load_inventory(three.write_inventory(tmp_path / "inventory.yaml", slots=2))
     assert [spec.name for spec in inventory.nodes] == ["node0", "node1", "node2"]
     for spec, node in zip(inventory.nodes, three.nodes, strict=True):
-        assert (spec.host, spec.port, spec.user) == (node.address, 22, "root")
+        assert (spec.host, spec.port, spec.user) == (node.address, 22, lab.BUILD_USER)
         assert spec.identity_file == three.client_key
         assert spec.known_hosts == three.known_hosts
         assert spec.workdir == node.workdir
@@ -150,6 +150,7 @@ def test_leftovers_of_a_crashed_run_are_cleaned_up(tmp_path: Path) -> None:
     lab.wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), "the old sshd exiting")
 
 
+@pytest.mark.timeout(900)  # builds the arm64 box on first use (minutes under QEMU)
 def test_an_arm64_box_node_is_an_aarch64_machine(arm64_box: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     with sshlab.ssh_lab(tmp_path, count=1, arm64=1, box=arm64_box) as running:

@@ -24,11 +24,13 @@ set -euo pipefail
 box=${FARM_ARM64_BOX:-/var/cache/farm-lab/arm64-bookworm}
 suite=bookworm
 arch=arm64
-packages=(openssh-server python3 buildah)
+# What deploy/node/setup-node.sh wants of a buildah node (runc, slirp4netns, uidmap: contained
+# rootless builds), so that its run in the box installs nothing.
+packages=(openssh-server python3 buildah runc slirp4netns uidmap)
 # Folders that tests/sshlab.py mounts per node over the box (so the box itself stays unchanged).
 mountpoints=(etc/farm-node var/lib/farm var/lib/containers)
 # Change when the recipe changes: a box built by an older recipe is rebuilt from scratch.
-recipe="farm-arm64-box v1: debootstrap --variant=minbase $suite $arch; apt-get install ${packages[*]}"
+recipe="farm-arm64-box v2: debootstrap --variant=minbase $suite $arch; apt-get install ${packages[*]}"
 stamp=$box/.farm-box-complete
 stage1=$box/.farm-stage1-complete
 stage2=$box/.farm-stage2-complete
