@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from buildnode import build_user_workdir
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
@@ -251,7 +253,7 @@ def _farm_command(
         "    slots: 8\n"
         "    emulation: true\n"
         "    builder: buildah\n"
-        f"    workdir: {workdir / 'node'}\n"
+        f"    workdir: {build_user_workdir(workdir / 'node')}\n"
     )
     command = [
         farm, "build",

@@ -23,6 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
+from buildnode import build_user_workdir
+
 REPO = Path(__file__).resolve().parent.parent
 PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
 TARGET = 0.05
@@ -64,7 +66,8 @@ def main() -> int:
             (context / "nonce").write_text(uuid.uuid4().hex)
             inventory = root / "inventory.yaml"
             inventory.write_text(
-                f"nodes:\n  - name: local\n    local: true\n    slots: 8\n    workdir: {root / 'node'}\n"
+                f"nodes:\n  - name: local\n    local: true\n    slots: 8\n"
+                f"    workdir: {build_user_workdir(root / 'node')}\n"
             )
             command = [
                 farm, "build", "-t", f"{args.registry}/bench/noop:{uuid.uuid4().hex[:12]}",

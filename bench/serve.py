@@ -33,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from buildnode import build_user_workdir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -69,7 +70,7 @@ def unmount_below(path: Path) -> None:
 
 def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str, str, Path]:
     inventory = root / "inventory.yaml"
-    workdir = root / "node"
+    workdir = build_user_workdir(root / "node")
     inventory.write_text(
         f'nodes:\n  - name: "local"\n    local: true\n    slots: 8\n    workdir: {json.dumps(str(workdir))}\n'
     )
