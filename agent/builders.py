@@ -30,6 +30,7 @@ __all__ = [
     "BuilderFailed",
     "Cancelled",
     "Runner",
+    "clear_leftovers",
     "export_image",
     "oci_runtime",
     "private_network_ready",
@@ -398,6 +399,18 @@ def _storage_lock(workdir: str, exclusive: bool, wait: bool = True) -> Iterator[
             yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def clear_leftovers(builder: str, workdir: str, log: Callable[[str], None]) -> None:
+    """After a killed build: remove the working containers it left in the store, unless another
+    build is using the store (they may be its own; the next build alone there clears them). Its
+    processes and mounts ended with its PID and mount namespaces."""
+    if builder not in ("buildah", "podman"):
+        return
+    store = storage_command(builder, workdir)
+    with _storage_lock(workdir, exclusive=True, wait=False) as alone:
+        if alone:
+            Runner(log).run([*store, "rm", "--all"], quiet=True)
 
 
 def tidy_store(builder: str, workdir: str, runner: Runner, min_free: int) -> None:

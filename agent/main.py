@@ -8,6 +8,7 @@ SIGKILL, leaves nothing running on the node.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import re
@@ -19,7 +20,15 @@ import traceback
 from typing import IO, Any
 
 from agent import facts
-from agent.builders import BuilderFailed, BuildSpec, Cancelled, Runner, export_image, tidy_store
+from agent.builders import (
+    BuilderFailed,
+    BuildSpec,
+    Cancelled,
+    Runner,
+    clear_leftovers,
+    export_image,
+    tidy_store,
+)
 from agent.protocol import (
     HEARTBEAT_TIMEOUT,
     MARKER,
@@ -167,6 +176,8 @@ class Agent:
             self._run_build(request, build_dir, runner)
         except Cancelled:
             self.out.send("error", kind="node", message="build cancelled")
+            with contextlib.suppress(BuilderFailed, OSError):
+                clear_leftovers(str(request.get("builder", "")), self.workdir, self._log)
         except BuilderFailed as exc:
             kind = "node" if exc.node_at_fault else "build"
             self.out.send("error", kind=kind, message=str(exc), log_tail=exc.tail)

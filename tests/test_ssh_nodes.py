@@ -204,6 +204,54 @@ def test_cancelling_a_build_leaves_no_process_on_any_node(
     assert lab_registry.tags("ssh/cancel") == []
 
 
+def test_a_coordinator_killed_mid_run_leaves_no_process_mount_or_container_on_the_node(
+    tmp_path: Path, three: sshlab.SshLab, lab_registry: lab.Registry
+) -> None:
+    node = three.nodes[0]
+    inventory = three.write_inventory(tmp_path / "inventory.yaml", [node])
+    marker = f"farm-ssh-killed-{uuid.uuid4().hex[:8]}"
+    context = small_context(
+        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
+    )
+    farm = subprocess.Popen(
+        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/killed:1",
+         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64",
+         "--progress", "plain", "--inventory", str(inventory), str(context)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert farm.stdout is not None
+        for line in farm.stdout:
+            if line.rstrip().endswith(f"] started-{marker}"):
+                break
+        assert processes_running(marker)
+        farm.kill()  # SIGKILL: no goodbye to the agent, only its stdin closing
+    finally:
+        farm.kill()
+        farm.wait()
+    lab.wait_until(lambda: not processes_running(node.workdir), "the agent and its build to end", 60)
+    mounted = [
+        line
+        for path in Path("/proc").glob("[0-9]*/mountinfo")
+        for line in _read_lines(path)
+        if node.workdir in line
+    ]
+    assert mounted == []
+    containers = subprocess.run(
+        [*lab.build_user_store(node.host_workdir), "containers", "--quiet"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert containers.stdout.split() == []
+    assert list((node.host_workdir / "builds").iterdir()) == []
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:  # a process that ended while we looked
+        return []
+
+
 @pytest.mark.parametrize(
     ("entry", "reason"),
     [
