@@ -68,7 +68,7 @@ def unmount_below(path: Path) -> None:
         subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
 
-def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+def start_server(root: Path, registry: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
     inventory = root / "inventory.yaml"
     workdir = build_user_workdir(root / "node")
     inventory.write_text(
@@ -81,7 +81,7 @@ def start_server(root: Path) -> tuple[subprocess.Popen[bytes], str, str, Path]:
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "farm", "serve", "--listen", f"127.0.0.1:{port}",
-                "--inventory", str(inventory), "--state-dir", str(state),
+                "--inventory", str(inventory), "--state-dir", str(state), "--allow-registry", registry,
             ],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
@@ -167,7 +167,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="farm-bench-serve-") as scratch:
         root = Path(scratch)
-        process, url, token, log = start_server(root)
+        process, url, token, log = start_server(root, args.registry)
         try:
             context = root / "ctx"
             context.mkdir()

@@ -362,7 +362,10 @@ class _History:
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_suffix(f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(rows))
+            # Private (0600): it names the contexts and nodes this user builds with.
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+                os.fchmod(out.fileno(), 0o600)
+                out.write(json.dumps(rows))
             partial.replace(self.path)
 
 

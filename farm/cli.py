@@ -292,6 +292,38 @@ def build(
     show_default=True,
     help="How often the nodes are probed for the status page and the metrics.",
 )
+@click.option(
+    "--allow-registry",
+    "allow_registries",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="A registry builds may push to and pull bases from (repeatable); default: docker.io and the "
+    "registries the server's docker config has credentials for. Builds naming others are refused.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Client connections at once; beyond, the one idle longest is closed, or the newcomer gets 503.",
+)
+@click.option(
+    "--header-timeout",
+    default="10s",
+    show_default=True,
+    help="How long a client may take to send a request's head (and may stay idle between requests).",
+)
+@click.option(
+    "--store-limit",
+    default="10GiB",
+    show_default=True,
+    help="Bytes of context files kept; uploads make room by evicting those no queued build needs.",
+)
+@click.option(
+    "--allow-host-network",
+    is_flag=True,
+    help="Let builds ask for --network host: their RUN steps then reach whatever the nodes reach.",
+)
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -301,6 +333,11 @@ def serve(
     token: str | None,
     max_builds: int | None,
     probe_interval: str,
+    allow_registries: tuple[str, ...],
+    max_connections: int,
+    header_timeout: str,
+    store_limit: str,
+    allow_host_network: bool,
 ) -> None:
     """Serve builds to every client of a shared lab: API, queue, history, /metrics, status page.
 
@@ -309,7 +346,7 @@ def serve(
     from pydantic import ValidationError
 
     from farm.scheduler import parse_duration
-    from farm.serve.app import ServeOptions, serve  # aiohttp and prometheus-client only here
+    from farm.serve.app import ServeOptions, parse_size, serve  # aiohttp and prometheus-client only here
     from farm.serve.coordinator import CoordinatorOptions
 
     def parse() -> ServeOptions:
@@ -322,7 +359,12 @@ def serve(
                 coordinator=CoordinatorOptions(
                     max_builds=max_builds,
                     probe_interval=parse_duration(probe_interval, "--probe-interval"),
+                    store_limit=parse_size(store_limit, "--store-limit"),
+                    allow_host_network=allow_host_network,
                 ),
+                allow_registries=allow_registries,
+                max_connections=max_connections,
+                header_timeout=parse_duration(header_timeout, "--header-timeout"),
             )
         except ValidationError as exc:
             reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
@@ -448,6 +490,8 @@ def nodes_check(
                 "MEMORY",
                 "DISK FREE",
                 "BUILDER",
+                "USER",
+                "ISOLATION",
                 "AGENT",
             ],
             [_node_row(node) for node in checked],
@@ -605,7 +649,7 @@ def _node_row(node: Node) -> list[str]:
     facts = node.facts
     status = "ok" if node.usable else ("drained" if node.drained and not node.problem else "NOT USABLE")
     if facts is None:
-        return [node.name, status, "-", "-", "-", "-", "-", "-", "-", "-"]
+        return [node.name, status, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
     try:
         native = ",".join(sorted(str(p) for p in facts.native_platforms))
         emulated = ",".join(sorted(str(p).removeprefix("linux/") for p in facts.emulated_platforms))
@@ -621,16 +665,25 @@ def _node_row(node: Node) -> list[str]:
         f"{facts.memory_bytes / 2**30:.1f} GiB",
         f"{facts.disk_free_bytes / 2**30:.1f} GiB",
         node.builder or "-",
+        _Warning(facts.user) if facts.runs_as_root else facts.user,
+        _Warning(node.spec.isolation) if node.spec.isolation != "oci" else node.spec.isolation,
         facts.agent_version,
     ]
 
 
+class _Warning(str):
+    """A table cell shown in red on a terminal: containment weaker than farm's default."""
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+
+    def show(cell: str, width: int) -> str:
+        text = str(cell).ljust(width)
+        return click.style(text, fg="red") if isinstance(cell, _Warning) else text
+
     for row in [headers, *rows]:
-        click.echo(
-            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+        click.echo("  ".join(show(cell, width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @cli.group()

@@ -3,144 +3,36 @@ loopback port, builds on the local node (buildah, QEMU), a real registry, SIGKIL
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import textwrap
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from farm.build import BuildOptions
 from farm.platforms import parse_platform
 from tests import lab
+from tests.servelab import Server, build_id, serving_local_node, small_context, start_server
 from tests.test_cancel import processes_running
 
 pytestmark = pytest.mark.lab
 
 
-@dataclass
-class Server:
-    url: str
-    token: str
-    state: Path
-    inventory: Path
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
-
-    def delete(self, path: str) -> httpx.Response:
-        return httpx.delete(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=150)
-
-    def post(self, path: str) -> httpx.Response:
-        return httpx.post(self.url + path, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
-
-    def env(self) -> dict[str, str]:
-        """How a CI job points ``farm build`` at it."""
-        return {"FARM_SERVER": self.url, "FARM_SERVER_TOKEN": self.token, "FARM_SUBMITTER": "tests"}
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        response = self.get("/metrics")
-        response.raise_for_status()
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text)
-            for sample in family.samples
-        }
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-
-
-def start_server(state: Path, inventory: Path, *options: str) -> Server:
-    """``farm serve`` as an operator starts it, on a free port; ready once it answers."""
-    port = lab.free_port()
-    log = state.parent / f"serve-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable, "-m", "farm", "serve", "--listen", f"127.0.0.1:{port}",
-                "--inventory", str(inventory), "--state-dir", str(state), "--probe-interval", "2s",
-                *options,
-            ],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    token_file = state / "token"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise lab.LabError(f"farm serve exited {process.returncode}:\n{log.read_text()}")
-        if not token_file.exists():
-            return False
-        token = token_file.read_text().strip()
-        try:
-            return (
-                httpx.get(f"{url}/api/server", headers={"Authorization": f"Bearer {token}"}).status_code
-                == 200
-            )
-        except httpx.HTTPError:
-            return False
-
-    lab.wait_until(ready, "farm serve answering")
-    return Server(url, token_file.read_text().strip(), state, inventory, log, process)
-
-
-@contextlib.contextmanager
-def serving_local_node(root: Path, node_workdir: Path) -> Iterator[Server]:
-    """A `farm serve` over an inventory of this machine, stopped (or killed) afterwards."""
-    inventory = lab.write_inventory(root / "inventory.yaml", workdir=str(node_workdir))
-    running = start_server(root / "state", inventory)
-    try:
-        yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(60)
-        except subprocess.TimeoutExpired:
-            running.kill()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iterator[Server]:
-    with serving_local_node(tmp_path_factory.mktemp("serve"), node_workdir) as running:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, node_workdir: Path, registry: lab.Registry
+) -> Iterator[Server]:
+    with serving_local_node(
+        tmp_path_factory.mktemp("serve"), node_workdir, "--allow-registry", registry.host
+    ) as running:
         yield running
-
-
-def small_context(root: Path, registry: lab.Registry, text: str = "hello") -> Path:
-    root.mkdir(parents=True)
-    (root / "Dockerfile").write_text(
-        textwrap.dedent(
-            f"""\
-            FROM {registry.host}/library/busybox
-            COPY greeting.txt /greeting.txt
-            RUN cat /greeting.txt && uname -m > /machine.txt
-            """
-        )
-    )
-    (root / "greeting.txt").write_text(text + "\n")
-    (root / "sub").mkdir()
-    (root / "sub" / "data.bin").write_bytes(os.urandom(50_000))
-    return root
-
-
-def build_id(stderr: str) -> str:
-    found = re.search(r"build ([0-9a-f]{16}) submitted", stderr)
-    assert found, stderr
-    return found.group(1)
 
 
 # --- the token --------------------------------------------------------------------------------
@@ -393,7 +285,9 @@ def test_the_queue_is_fair_between_submitters(
         f"FROM {registry.host}/library/busybox\nRUN echo started-{marker}; sleep 3600\n"
     )
     inventory = lab.write_inventory(tmp_path / "inventory.yaml", workdir=str(node_workdir))
-    server = start_server(tmp_path / "state", inventory, "--max-builds", "1")
+    server = start_server(
+        tmp_path / "state", inventory, "--max-builds", "1", "--allow-registry", registry.host
+    )
     running = subprocess.Popen(
         [
             sys.executable, "-m", "farm", "build", "-t", f"{registry.host}/serve/fair:0",
@@ -426,7 +320,7 @@ def test_the_queue_is_fair_between_submitters(
                     "submitter": submitter,
                     "context": first["context"],
                     "options": options,
-                    "dockerfile": "FROM x\n",
+                    "dockerfile": f"FROM {registry.host}/library/busybox\n",
                 },
             )
             assert reply.status_code == 201, reply.text
@@ -469,7 +363,7 @@ def test_a_server_killed_mid_build_keeps_its_history_and_marks_the_build(
 ) -> None:
     state = tmp_path / "state"
     inventory = lab.write_inventory(tmp_path / "inventory.yaml", workdir=str(node_workdir))
-    first = start_server(state, inventory)
+    first = start_server(state, inventory, "--allow-registry", registry.host)
     marker = f"farm-serve-kill-{uuid.uuid4().hex[:8]}"
     try:
         done = lab.farm(
@@ -506,7 +400,7 @@ def test_a_server_killed_mid_build_keeps_its_history_and_marks_the_build(
     # The agent noticed its coordinator gone and killed the build.
     lab.wait_until(lambda: not processes_running(marker), "the builders to be killed", seconds=30)
 
-    second = start_server(state, inventory)
+    second = start_server(state, inventory, "--allow-registry", registry.host)
     try:
         killed = second.get(f"/api/builds/{build_id(text)}").json()
         assert killed["state"] == "failed"

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests import lab
-from tests.test_serve import Server, serving_local_node, small_context
+from tests.servelab import Server, serving_local_node, small_context
 
 pytestmark = pytest.mark.lab
 
@@ -83,8 +83,12 @@ def prometheus_config(path: Path, server: Server) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, node_workdir: Path) -> Iterator[Server]:
-    with serving_local_node(tmp_path_factory.mktemp("observed"), node_workdir) as running:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, node_workdir: Path, registry: lab.Registry
+) -> Iterator[Server]:
+    with serving_local_node(
+        tmp_path_factory.mktemp("observed"), node_workdir, "--allow-registry", registry.host
+    ) as running:
         yield running
 
 

@@ -21,16 +21,26 @@ make a browser change anything here.
     POST   /api/nodes/{name}/undrain
 
 Errors come back as ``{"error": {...}}`` (``farm.serve.wire.error_to_json``) with a 4xx/5xx status.
+
+Whatever a client sends is bounded (``farm.serve.guard``): connections, the time a request head and
+a body may take, each body's size for what it carries (a manifest may be large, the rest is
+small); a manifest is checked entry by entry as it is parsed (``farm.serve.contexts``), a build
+against the registries the server may contact (``farm.serve.registries``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import importlib.metadata
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import pwd
+import re
+import resource
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +48,27 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from farm.errors import FarmError, InputError, ServerError
-from farm.inventory import load_inventory
+from farm.errors import FarmError, InputError, InventoryError, RegistryError, ServerError
+from farm.inventory import Inventory, load_inventory
+from farm.registry.credentials import DockerKeychain
+from farm.serve.contexts import MAX_ENTRIES
 from farm.serve.coordinator import Coordinator, CoordinatorOptions
+from farm.serve.guard import ConnectionGuard, RepeatFilter, read_body
 from farm.serve.page import render_login, render_status
+from farm.serve.registries import RegistryPolicy, normalize_registry
 from farm.serve.state import open_state
 from farm.serve.wire import decision_to_json, error_to_json
 
-__all__ = ["ServeOptions", "make_app", "serve"]
+__all__ = ["ServeOptions", "make_app", "parse_size", "serve"]
 
 log = logging.getLogger("farm.serve")
 
 _COOKIE = "farm_token"
-_MAX_JSON = 512 * 1024 * 1024  # a manifest of a few hundred thousand files
+# A manifest's entries are ~100-250 bytes of JSON each (escaped non-ASCII paths, more).
+_MAX_MANIFEST_BODY = MAX_ENTRIES * 512
+_MAX_REQUEST_BODY = 1024 * 1024  # a build's options and its Dockerfile; a plan's options
+_BODY_TIMEOUT = 60.0  # seconds a request body may go without a byte
+_FILES_KEPT = 256  # file descriptors kept for all but client connections: history, store, SSH, builders
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,12 +82,22 @@ class ServeOptions(BaseModel):
     state_dir: Path
     token: str | None = None
     coordinator: CoordinatorOptions = Field(default_factory=CoordinatorOptions)
+    allow_registries: tuple[str, ...] = Field(
+        default=(), description="HOST[:PORT] the server may contact; none: docker.io and its docker config's"
+    )
+    max_connections: int = Field(default=1024, ge=1, description="open client connections at once")
+    header_timeout: float = Field(default=10.0, gt=0, description="seconds to send a whole request head")
 
     @field_validator("listen")
     @classmethod
     def _host_and_port(cls, value: str) -> str:
         _split_listen(value)
         return value
+
+    @field_validator("allow_registries")
+    @classmethod
+    def _registries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(normalize_registry(item) for item in value))
 
     @property
     def host(self) -> str:
@@ -80,11 +108,39 @@ class ServeOptions(BaseModel):
         return _split_listen(self.listen)[1]
 
 
+def refuse_local_nodes_sharing_the_server_user(inventory: Inventory, uid: int, user: str) -> None:
+    """A build on a local node running as the server's own user could read the server's token, state
+    and credentials: such a node is configured on purpose (its ``user:`` names that user) or not at
+    all. A root server's local nodes build as farm-build unless told otherwise."""
+    for spec in inventory.nodes:
+        if spec.local and spec.user is None and uid != 0:
+            raise InventoryError(
+                f"{inventory.source}: node {spec.name!r}: its builds would run as {user}, this server's own "
+                "user, and could read the server's token and credentials",
+                hint="reach this machine over SSH as an unprivileged build user instead, or set "
+                f"'user: {user}' on the node to accept that on purpose",
+            )
+
+
 def _split_listen(value: str) -> tuple[str, int]:
     host, colon, port = value.rpartition(":")
     if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"--listen {value!r}: write HOST:PORT, e.g. 127.0.0.1:8750")
     return host.removeprefix("[").removesuffix("]") or "127.0.0.1", int(port)
+
+
+_SIZE = re.compile(r"([0-9]+)\s*(|B|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    """Bytes from ``10GiB``, ``512MiB``, ``4096`` (binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise InputError(
+            f"{option} {text!r} is not a size", hint="write e.g. 10GiB, 512MiB or a number of bytes"
+        )
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
 
 
 def version() -> str:
@@ -97,45 +153,114 @@ def version() -> str:
 async def serve(options: ServeOptions, stop: asyncio.Event, on_ready: Callable[[str], None]) -> None:
     """Run the server until ``stop`` is set; then stop every build and answer what waits."""
     inventory = load_inventory(options.inventory)
+    refuse_local_nodes_sharing_the_server_user(inventory, os.geteuid(), pwd.getpwuid(os.geteuid()).pw_name)
+    registries = _registry_policy(options)
     state = open_state(options.state_dir, options.token)
     if state.token_file is not None:
         log.info("clients need the token in %s", state.token_file)
+    max_connections = _room_for_connections(options.max_connections)
     try:
-        coordinator = Coordinator(inventory, state, options.coordinator, version())
-        runner = web.AppRunner(make_app(coordinator, state.token), access_log=None, shutdown_timeout=10)
-        await runner.setup()
-        try:
-            async with coordinator.running():
-                site = web.TCPSite(runner, options.host, options.port)
-                try:
-                    await site.start()
-                except OSError as exc:
-                    raise InputError(
-                        f"cannot listen on {options.listen}: {exc.strerror or exc}",
-                        hint="is another server on that port? pass another --listen",
-                    ) from exc
-                host = f"[{options.host}]" if ":" in options.host else options.host
-                port = _bound_port(runner) or options.port
-                if options.host not in _LOOPBACK:
-                    log.warning("listening beyond loopback, in plain HTTP: put TLS in front of it")
-                on_ready(f"http://{host}:{port}")
-                await stop.wait()
-        finally:
-            # The builds have ended by now, so every event stream has its last line to send.
-            await runner.cleanup()
+        with _repeats_limited():
+            coordinator = Coordinator(inventory, state, options.coordinator, version(), registries)
+            guard = ConnectionGuard(max_connections=max_connections, header_timeout=options.header_timeout)
+            runner = web.AppRunner(
+                make_app(coordinator, state.token, guard),
+                access_log=None,
+                shutdown_timeout=10,
+                # A head after a response, or on an idle connection, gets as long as the first one.
+                keepalive_timeout=options.header_timeout,
+            )
+            await runner.setup()
+            try:
+                async with coordinator.running():
+                    assert runner.server is not None
+                    listener = await _listen(guard.protocols(runner.server), options)
+                    try:
+                        host = f"[{options.host}]" if ":" in options.host else options.host
+                        port = int(listener.sockets[0].getsockname()[1])
+                        if options.host not in _LOOPBACK:
+                            log.warning("listening beyond loopback, in plain HTTP: put TLS in front of it")
+                        on_ready(f"http://{host}:{port}")
+                        await stop.wait()
+                    finally:
+                        listener.close()  # no new connections; those open are closed below
+            finally:
+                # The builds have ended by now, so every event stream has its last line to send.
+                await runner.cleanup()
     finally:
         state.close()
 
 
-def _bound_port(runner: web.AppRunner) -> int | None:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return None
+async def _listen(protocols: Callable[[], asyncio.Protocol], options: ServeOptions) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.create_server(
+            protocols, options.host, options.port, reuse_address=True, backlog=1024
+        )
+    except OSError as exc:
+        raise InputError(
+            f"cannot listen on {options.listen}: {exc.strerror or exc}",
+            hint="is another server on that port? pass another --listen",
+        ) from exc
 
 
-def make_app(coordinator: Coordinator, token: str) -> web.Application:
-    app = web.Application(middlewares=[_errors, _authenticate(token)], client_max_size=_MAX_JSON)
+def _registry_policy(options: ServeOptions) -> RegistryPolicy:
+    """The registries given, or by default Docker Hub and those the docker config has credentials for."""
+    if options.allow_registries:
+        return RegistryPolicy(frozenset(options.allow_registries))
+    path = DockerKeychain().config_path()
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        document = {}
+    except (OSError, ValueError) as exc:
+        raise RegistryError(
+            f"cannot read docker config {path} for the registries farm serve may contact: {exc}",
+            hint="fix it, or name them with --allow-registry",
+        ) from None
+    policy = RegistryPolicy.default(document if isinstance(document, dict) else {})
+    log.info(
+        "builds may use the registries %s (--allow-registry to choose)", ", ".join(sorted(policy.allowed))
+    )
+    return policy
+
+
+def _room_for_connections(wanted: int) -> int:
+    """Raise the open-files limit for ``wanted`` connections if it is lower; how many fit under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = wanted + _FILES_KEPT
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    fitting = max(1, soft - _FILES_KEPT)
+    log.warning("the open-files limit (%d) leaves room for %d connections, not %d", soft, fitting, wanted)
+    return fitting
+
+
+@contextlib.contextmanager
+def _repeats_limited() -> Iterator[None]:
+    """While the server runs, one line per identical warning or error per 10 s on every log handler."""
+    limiter = RepeatFilter()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(limiter)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(limiter)
+
+
+def make_app(coordinator: Coordinator, token: str, guard: ConnectionGuard | None = None) -> web.Application:
+    """The API; with the ``guard`` that counts its connections' requests in progress."""
+    middlewares: list[Middleware] = [_errors, _authenticate(token)]
+    if guard is not None:
+        middlewares.insert(0, guard.middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=_MAX_MANIFEST_BODY)
     api = _Api(coordinator)
     app.router.add_get("/", api.page)
     app.router.add_get("/metrics", api.metrics)
@@ -207,13 +332,25 @@ def _authenticate(token: str) -> Middleware:
     return authenticate
 
 
-async def _json(request: web.Request) -> dict[str, Any]:
+async def _json(request: web.Request, fields: dict[str, type]) -> dict[str, Any]:
+    """A small JSON object of these fields (each optional; others refused), its types checked."""
+    body = await read_body(request, _MAX_REQUEST_BODY, _BODY_TIMEOUT)
     try:
-        document = await request.json()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"the request body is not JSON: {exc}") from exc
+        document = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"the request body is not JSON: {exc.msg} at character {exc.pos}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the request body is not JSON: not UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise InputError("the request body is not JSON this server takes: nested too deeply") from None
     if not isinstance(document, dict):
         raise InputError("the request body must be a JSON object")
+    for name, value in document.items():
+        expected = fields.get(name)
+        if expected is None:
+            raise InputError(f"unexpected field {name[:60]!r} in the request")
+        if not isinstance(value, expected):
+            raise InputError(f"field {name!r} must be a {'string' if expected is str else 'JSON object'}")
     return document
 
 
@@ -246,11 +383,9 @@ class _Api:
         return web.json_response(self._server())
 
     async def sync(self, request: web.Request) -> web.StreamResponse:
-        document = await _json(request)
-        contexts = self.c.contexts
-        missing, missing_bytes, total = await asyncio.to_thread(
-            contexts.accept_manifest, document.get("context"), document.get("entries")
-        )
+        body = await read_body(request, _MAX_MANIFEST_BODY, _BODY_TIMEOUT)
+        missing, missing_bytes, total = await asyncio.to_thread(self.c.contexts.accept_sync, body)
+        del body
         self.c.metrics.context_uploaded(0, total - missing_bytes)
         return web.json_response({"missing": missing, "missing_bytes": missing_bytes})
 
@@ -263,15 +398,17 @@ class _Api:
         )
 
     async def submit(self, request: web.Request) -> web.StreamResponse:
-        document = await _json(request)
+        document = await _json(
+            request, {"submitter": str, "context": str, "options": dict, "dockerfile": str}
+        )
         options = document.get("options")
-        if not isinstance(options, dict):
+        if options is None:
             raise InputError("a build needs its options")
-        job = self.c.submit(
-            submitter=str(document.get("submitter") or "anonymous"),
-            context=str(document.get("context", "")),
+        job = await self.c.submit(
+            submitter=document.get("submitter") or "anonymous",
+            context=document.get("context", ""),
             options=options,
-            dockerfile=str(document.get("dockerfile", "")),
+            dockerfile=document.get("dockerfile", ""),
         )
         return web.json_response(
             {"id": job.id, "state": job.state, "position": self.c.status(job.id).get("position", 0)},
@@ -279,9 +416,9 @@ class _Api:
         )
 
     async def plan(self, request: web.Request) -> web.StreamResponse:
-        document = await _json(request)
+        document = await _json(request, {"options": dict})
         options = document.get("options")
-        if not isinstance(options, dict):
+        if options is None:
             raise InputError("a plan needs the build's options")
         decisions = await self.c.plan(options)
         return web.json_response({"decisions": [decision_to_json(d) for d in decisions]})
@@ -317,7 +454,7 @@ class _Api:
         return response
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
-        by = request.query.get("by") or "a client"
+        by = "".join(c for c in request.query.get("by", "")[:128] if c.isprintable()) or "a client"
         return web.json_response(await self.c.cancel(request.match_info["id"], by))
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:

@@ -38,11 +38,13 @@ from farm.inventory import Inventory, NodeSpec
 from farm.metrics import FarmSnapshot, Metrics, NodeSnapshot
 from farm.nodefacts import NodeFacts
 from farm.nodes import Node, probe
+from farm.platforms import KNOWN_PLATFORMS, Platform, parse_platform
 from farm.registry.name import parse_reference
 from farm.scheduler import Decision
-from farm.serve.contexts import ContextStore
+from farm.serve.contexts import ContextStore, check_digest
 from farm.serve.history import INTERRUPTED_QUEUED, INTERRUPTED_RUNNING, BuildRow, PlatformRow
 from farm.serve.queue import FairQueue
+from farm.serve.registries import RegistryPolicy
 from farm.serve.state import StateFolder
 from farm.serve.wire import error_to_json, event_to_json, result_to_json
 from farm.transport import LocalTransport, Transport
@@ -55,6 +57,7 @@ _KEEP_FINISHED = 32  # finished builds whose full event stream stays in memory
 _MAX_LOG_LINES = 20_000  # log lines kept per build (its state events are always kept)
 _PING_SECONDS = 15.0  # an idle event stream says it is alive this often
 _PROBE_TIMEOUT = 60.0
+_MAX_SUBMITTER = 128  # characters of a submitter's name (the queue's lanes, the history)
 
 
 class CoordinatorOptions(BaseModel):
@@ -64,6 +67,9 @@ class CoordinatorOptions(BaseModel):
     probe_interval: float = Field(default=15.0, gt=0, description="seconds between node probes")
     keep_layouts: int = Field(default=16, ge=0, description="contexts kept laid out as folders")
     store_limit: int = Field(default=10 * 1024**3, ge=0, description="bytes of context blobs kept")
+    allow_host_network: bool = Field(
+        default=False, description="may builds ask for --network host (RUN steps on the node's own network)"
+    )
 
 
 @dataclass
@@ -175,14 +181,22 @@ class NodeStatus:
 
 class Coordinator:
     def __init__(
-        self, inventory: Inventory, state: StateFolder, options: CoordinatorOptions, version: str
+        self,
+        inventory: Inventory,
+        state: StateFolder,
+        options: CoordinatorOptions,
+        version: str,
+        registries: RegistryPolicy,
     ) -> None:
         self.inventory = inventory
         self.state = state
         self.options = options
+        self.registries = registries
         self.history = state.history
         self.metrics = Metrics(version, self.snapshot)
-        self.contexts = ContextStore(state.store, state.layouts, options.keep_layouts)
+        self.contexts = ContextStore(
+            state.store, state.layouts, options.keep_layouts, options.store_limit, needed=self._needed
+        )
         self.queue = FairQueue()
         self.jobs: dict[str, Job] = {}
         self.nodes = {spec.name: NodeStatus(spec, NodeHealth(spec.name)) for spec in inventory.nodes}
@@ -238,19 +252,32 @@ class Coordinator:
             await self._wake.wait()
             self._wake.clear()
 
+    def _needed(self) -> set[str]:
+        """The contexts of the builds that wait or run: their blobs stay in the store."""
+        return {job.context for job in self.jobs.values() if job.state in ("queued", "running")}
+
     async def _prune(self) -> None:
-        waiting = {job.context for job in self.jobs.values() if job.state in ("queued", "running")}
         try:
-            await self.contexts.prune(waiting, self.options.store_limit)
+            await self.contexts.prune(self._needed(), self.options.store_limit)
         except OSError as exc:
             log.warning("could not prune the context store: %s", exc)
 
     # --- builds -------------------------------------------------------------------------------------
 
-    def submit(self, submitter: str, context: str, options: dict[str, Any], dockerfile: str) -> Job:
+    async def submit(self, submitter: str, context: str, options: dict[str, Any], dockerfile: str) -> Job:
+        if not submitter or len(submitter) > _MAX_SUBMITTER or not submitter.isprintable():
+            raise InputError(f"a submitter is named by 1 to {_MAX_SUBMITTER} printable characters")
+        check_digest(context)
+        checked = self._check_options(options)
+        builds = set(KNOWN_PLATFORMS)
+        for status in self.nodes.values():
+            if status.facts is not None:
+                builds |= _native_platforms(status.facts)
+        await asyncio.to_thread(self._check_dockerfile, checked, dockerfile, sorted(builds))
         if self._stopping:
             raise ServerError("the server is stopping", status=503, hint="submit again once it is back")
-        checked = self._check_options(options)
+        # Kept and run as checked: platforms normalised, defaults filled in.
+        options = checked.model_dump(mode="json", exclude={"context", "dockerfile"})
         if not self.contexts.has_context(context):
             raise ServerError(
                 f"the server lacks part of context {context}", status=409, hint="sync the context again"
@@ -288,21 +315,41 @@ class Coordinator:
         checked = self._check_options(options)
         return await plan_build(checked, self.inventory, self.state.drain.load())
 
-    @staticmethod
-    def _check_options(options: dict[str, Any]) -> BuildOptions:
+    def _check_options(self, options: dict[str, Any]) -> BuildOptions:
         """The options as ``run_build`` will get them, refused now if they cannot be."""
+        document = options | {"context": ".", "dockerfile": None}
+        if "platforms" in options:
+            document["platforms"] = _normalized_platforms(options["platforms"])
         try:
-            checked = BuildOptions.model_validate(options | {"context": ".", "dockerfile": None})
+            checked = BuildOptions.model_validate(document)
         except ValidationError as exc:
-            raise InputError(f"bad build options: {exc}") from exc
-        except TypeError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise InputError(f"bad build options: {where}: {problem['msg']}") from None
+        except (TypeError, ValueError) as exc:
             raise InputError(f"bad build options: {exc}") from exc
         for tag in checked.tags:
             if parse_reference(tag).digest:
                 raise InputError(
                     f"tag {tag} names a digest", hint="tag with NAME:TAG; farm computes the digest"
                 )
+        self.registries.check_options(checked.tags, checked.insecure_registries)
+        if checked.network == "host" and not self.options.allow_host_network:
+            raise InputError(
+                "this farm server does not let builds use the nodes' own network (--network host)",
+                hint="build with the default network, or ask its operator for --allow-host-network",
+            )
         return checked
+
+    def _check_dockerfile(self, options: BuildOptions, dockerfile: str, builds: list[Platform]) -> None:
+        """Refuse a Dockerfile the build could not start from, or whose bases the server may not fetch
+        (``builds``: the platforms a node may build on). Pure: run in a worker thread."""
+        try:
+            self.registries.check_dockerfile(dockerfile, options.build_args, options.platforms, builds)
+        except InputError:
+            raise
+        except FarmError as exc:
+            raise InputError(f"the Dockerfile cannot be built: {exc.message}", hint=exc.hint) from exc
 
     async def cancel(self, build_id: str, by: str) -> dict[str, Any]:
         """Cancel a queued or running build; return its status once it has stopped."""
@@ -730,6 +777,30 @@ class Coordinator:
         status.builder = builder or status.builder
         status.problem = problem
         self._apply(status.spec.name, "probe_failed" if problem or facts is None else "probe_passed")
+
+
+def _normalized_platforms(value: Any) -> list[Platform]:
+    """The platforms a client asked for, as ``parse_platform`` spells them (``linux/arm64/v8`` is
+    ``linux/arm64``), each once: given as strings or as ``{os, architecture, variant}``."""
+    if not isinstance(value, list):
+        raise InputError("bad build options: platforms must be a list")
+    platforms: list[Platform] = []
+    for item in value:
+        if isinstance(item, dict) and set(item) <= {"os", "architecture", "variant"}:
+            parts = [item.get("os"), item.get("architecture"), item.get("variant") or ""]
+            if not all(isinstance(part, str) and "/" not in part for part in parts):
+                raise InputError(f"bad build options: malformed platform {str(item)[:100]}")
+            text = "/".join(part for part in parts if part)
+        elif isinstance(item, str):
+            text = item
+        else:
+            raise InputError(f"bad build options: malformed platform {str(item)[:100]}")
+        if len(text) > 100:
+            raise InputError(f"bad build options: malformed platform {text[:100]!r}…")
+        platform = parse_platform(text)
+        if platform not in platforms:
+            platforms.append(platform)
+    return platforms
 
 
 def _due(health: NodeHealth, now: float) -> bool:

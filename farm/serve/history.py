@@ -11,7 +11,9 @@ The connection is used from the event loop's thread only; each write is one shor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,9 @@ class History:
     def open(cls, path: Path) -> History:
         """Open (or create) the history database; an unusable one is the operator's to fix."""
         try:
+            # Private from the start: SQLite gives its -wal and -shm files the database's mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             connection = sqlite3.connect(path, isolation_level=None)
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode = WAL")
@@ -139,7 +144,7 @@ class History:
                 )
             connection.executescript(_SCHEMA)
             connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise InputError(
                 f"cannot use the build history {path}: {exc}",
                 hint="check that the state folder is writable by this user and the file is a farm "

@@ -8,7 +8,10 @@
     STATE/layouts/          contexts laid out as folders for ``run_build``
     STATE/work/             one folder per running build (its Dockerfile)
 
-Everything that can make the folder unusable is found here, at start, and said plainly.
+Everything that can make the folder unusable is found here, at start, and said plainly. At every
+start the folder and what it holds are made private to this user (folders 0700, files without
+group and other bits: 0600, blobs 0400), however they were left: the history names every image,
+tag and submitter, the store holds every context.
 """
 
 from __future__ import annotations
@@ -76,6 +79,13 @@ def open_state(root: Path, token: str | None = None) -> StateFolder:
         except OSError as exc:
             raise InputError(f"the state folder {root} is unusable: {_reason(exc)}", hint=hint) from exc
         history = History.open(root / "history.sqlite3")
+        try:
+            _make_private(root)
+        except OSError as exc:
+            history.close()
+            raise InputError(
+                f"cannot make the state folder {root} private to this user: {_reason(exc)}", hint=hint
+            ) from exc
     except BaseException:
         lock.close()
         raise
@@ -83,10 +93,27 @@ def open_state(root: Path, token: str | None = None) -> StateFolder:
     return StateFolder(root, token, history, store, DrainState(root), layouts, work, token_file, lock)
 
 
+# What the folder holds, below it: each is made private at start. Blobs and laid-out contexts are
+# not walked (there may be a million): no other user can reach them through a private folder.
+_FOLDERS = ("store", "store/cas", "store/cas/sha256", "store/contexts", "store/leases", "store/incoming",
+            "layouts", "work")  # fmt: skip
+
+
+def _make_private(root: Path) -> None:
+    """Take group and other permissions off the folder, its own files and its folders."""
+    paths = [root, *(root / name for name in _FOLDERS)]
+    paths += [child for child in root.iterdir() if not child.is_symlink() and child.is_file()]
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(path.lstat().st_mode)
+            if mode & 0o077:
+                path.chmod(mode & 0o700)
+
+
 def _lock(root: Path) -> IO[bytes]:
     path = root / "serve.lock"
     try:
-        handle = path.open("ab")
+        handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     except OSError as exc:
         raise InputError(f"the state folder {root} is unusable: {_reason(exc)}") from exc
     try:

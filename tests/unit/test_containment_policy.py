@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 
-from farm.inventory import NodeSpec
+from farm.errors import InventoryError
+from farm.inventory import NodeSpec, parse_inventory
 from farm.nodefacts import NodeFacts
 from farm.nodes import containment_problem
+from farm.serve.app import refuse_local_nodes_sharing_the_server_user
 
 CONTAINED: dict[str, Any] = {
     "machine": "x86_64",
@@ -67,3 +69,17 @@ def test_a_docker_node_needs_neither_runc_nor_slirp4netns_of_its_own() -> None:
 def test_an_unknown_isolation_is_an_inventory_error(isolation: str) -> None:
     with pytest.raises(ValueError, match="isolation"):
         NodeSpec.model_validate({"name": "pi", "host": "pi.lab", "isolation": isolation})
+
+
+def test_a_server_refuses_a_local_node_that_would_build_as_its_own_user() -> None:
+    """Its builds could read the server's token and credentials: configured on purpose, or not at all."""
+    inventory = parse_inventory("nodes:\n  - name: local\n    local: true\n", "serve.yaml")
+    with pytest.raises(
+        InventoryError, match="its builds would run as farm, this server's own user"
+    ) as refused:
+        refuse_local_nodes_sharing_the_server_user(inventory, 998, "farm")
+    assert refused.value.hint is not None
+    assert "'user: farm'" in refused.value.hint
+    refuse_local_nodes_sharing_the_server_user(inventory, 0, "root")  # root: the agent becomes farm-build
+    on_purpose = parse_inventory("nodes:\n  - name: local\n    local: true\n    user: farm\n", "serve.yaml")
+    refuse_local_nodes_sharing_the_server_user(on_purpose, 998, "farm")
