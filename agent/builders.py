@@ -236,12 +236,15 @@ def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
         build += ["--isolation", "oci", "--runtime", runtime]
     else:
         build += ["--isolation", "chroot"]
-    if spec.network == "default":
+    # chroot isolation is no sandbox: its RUN steps share the node's network whatever was asked
+    # (buildah refuses any other), as they share its processes.
+    network = spec.network if spec.isolation == "oci" else "host"
+    if network == "default":
         build += ["--network", "ns:" + _NETNS_PLACEHOLDER, "--dns", _SLIRP_DNS]
     else:
-        build += ["--network", spec.network]
+        build += ["--network", network]
     build += [*_common_build_flags(spec, iidfile), spec.context_dir]
-    build = _contained(base, build, private_network=spec.network == "default")
+    build = _contained(base, build, private_network=network == "default")
     # Builds share the store; tidying it takes it alone (see tidy_store).
     with _storage_lock(spec.workdir, exclusive=False):
         runner.run(build, env)

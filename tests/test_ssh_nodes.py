@@ -20,7 +20,7 @@ from farm.inventory import NodeSpec
 from farm.session import open_session
 from farm.transport.ssh import SshConnections, SshTransport
 from tests import lab, sshlab
-from tests.test_cancel import processes_running
+from tests.lab import processes_running
 
 pytestmark = pytest.mark.lab
 
@@ -327,7 +327,7 @@ def test_a_node_behind_a_bastion_is_reached_through_proxy_jump(tmp_path: Path) -
     with sshlab.ssh_lab(tmp_path, count=2) as two:
         bastion, hidden = two.nodes
         with hidden.sshd_config.open("a") as config:
-            config.write(f"AllowUsers root@{bastion.address}\n")
+            config.write(f"AllowUsers {lab.BUILD_USER}@{bastion.address}\n")
         hidden.restart_sshd()
 
         def check(name: str, **fields: object) -> dict[str, object]:
@@ -345,7 +345,7 @@ def test_a_node_behind_a_bastion_is_reached_through_proxy_jump(tmp_path: Path) -
 
         jumped = check("jumped", local=False, proxy_jump=f"root@{bastion.address}")
         assert jumped["usable"] is True, jumped["problem"]
-        assert f"Accepted publickey for root from {bastion.address} " in hidden.log_tail(100_000)
+        assert f"Accepted publickey for {lab.BUILD_USER} from {bastion.address} " in hidden.log_tail(100_000)
 
         # Only the hidden node's key is trusted: the bastion's is not, so nothing goes through it.
         only_hidden = tmp_path / "only_hidden_known_hosts"
