@@ -144,5 +144,9 @@ async def check_nodes(inventory: Inventory, drained: frozenset[str], names: tupl
     """Probe the inventory's nodes (or only ``names``) in parallel."""
     async with open_nodes(inventory, drained) as nodes:
         chosen = [node for node in nodes if not names or node.name in names]
-        await asyncio.gather(*(probe(node) for node in chosen))
+        # ``probe`` keeps a node's failure in ``problem``: whatever escapes it is a bug (or a
+        # cancellation), and stops the other probes before the connections close under them.
+        async with asyncio.TaskGroup() as probes:
+            for node in chosen:
+                probes.create_task(probe(node))
         return chosen

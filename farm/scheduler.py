@@ -24,8 +24,8 @@ The rules ``decide`` applies, in order (they are the issue's, plus the ones it l
 
 Draining and cordoned nodes are never waited for: only an operator brings them back.
 
-``plan_build`` and ``Candidate`` are the earlier planner (native whatever the load, builds queue
-on the nodes' slots); ``farm.build`` uses them until it moves to ``plan``/``decide``.
+``farm.dispatch`` asks ``decide`` about each waiting platform of a build, and asks again when a
+build ends, a node fails or a wait is due.
 """
 
 from __future__ import annotations
@@ -407,8 +407,11 @@ def _fail(
     if "unlabelled" in standings:
         wanted = ",".join(f"{key}={value}" for key, value in policy.labels.items())
         hints.append(f"only nodes labelled {wanted} are used: change or drop --label")
-    if "held" in standings:
-        hints.append("a draining or cordoned node takes work again once undrained or uncordoned")
+    held = {seen.node.state for seen in native + emulators if seen.standing == "held"}
+    if "draining" in held:
+        hints.append("a drained node takes work again once undrained ('farm nodes undrain')")
+    if "cordoned" in held:
+        hints.append("a cordoned node takes work again once uncordoned")
     if "back" in standings:
         hints.append("a longer --native-wait waits for a down or quarantined node to come back")
     if "off" in standings:

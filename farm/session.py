@@ -50,21 +50,28 @@ class AgentSession:
             raise NodeError(f"agent asked for {unknown[0]}, which is not in the context", node=self.node)
         batches = _batches(needed, context.blob_sizes)
         reading = self._read_ahead(context, batches[0]) if batches else None
-        for following in [*batches[1:], []] if batches else []:
-            assert reading is not None
-            framed = await reading
-            reading = self._read_ahead(context, following) if following else None
-            try:
-                await self._process.write(framed)
-            except (ConnectionError, OSError) as exc:
-                if reading is not None:
-                    await asyncio.wait([reading])
-                raise self._lost(f"cannot write to the agent: {exc}") from exc
+        try:
+            for following in [*batches[1:], []] if batches else []:
+                assert reading is not None
+                # Shielded: a cancellation here must not leave the read's thread running unowned.
+                framed = await asyncio.shield(reading)
+                reading = self._read_ahead(context, following) if following else None
+                try:
+                    await self._process.write(framed)
+                except (ConnectionError, OSError) as exc:
+                    raise self._lost(f"cannot write to the agent: {exc}") from exc
+        finally:
+            # A failed write or a cancellation: the batch being read is ours to wait for.
+            if reading is not None:
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # seen: what failed first is what propagates
         await self._expect("synced")
         return len(needed), sum(context.blob_sizes[digest] for digest in needed)
 
     @staticmethod
     def _read_ahead(context: Context, batch: list[str]) -> asyncio.Task[bytes]:
+        """Frame ``batch`` in a worker thread; ``sync`` owns the task and always waits for it."""
         return asyncio.create_task(asyncio.to_thread(frame_blobs, context, batch))
 
     async def build(
@@ -191,20 +198,21 @@ def frame_blobs(context: Context, digests: list[str]) -> bytes:
 
 @contextlib.asynccontextmanager
 async def open_session(node: str, transport: Transport, workdir: str) -> AsyncIterator[AgentSession]:
-    """Start an agent, find its marker, agree on the protocol version; close it on exit."""
-    process = await transport.start_agent(workdir)
-    session = AgentSession(node, process)
-    try:
-        for _ in range(_MARKER_SEARCH_LINES):
-            line = await process.readline()
-            if not line:
-                raise session._lost("the agent exited before it started talking")
-            if line.rstrip(b"\r\n") == protocol.MARKER:
-                break
-        else:
-            raise NodeError(f"no farm agent answered on {node}", node=node)
-        await session._send("hello", version=protocol.PROTOCOL_VERSION)
-        await session._expect("hello")
-        yield session
-    finally:
-        await session.close()
+    """Start an agent, find its marker, agree on the protocol version; close it on exit (the
+    transport then ends whatever is left of it, and gives back what it held)."""
+    async with transport.open_agent(workdir) as process:
+        session = AgentSession(node, process)
+        try:
+            for _ in range(_MARKER_SEARCH_LINES):
+                line = await process.readline()
+                if not line:
+                    raise session._lost("the agent exited before it started talking")
+                if line.rstrip(b"\r\n") == protocol.MARKER:
+                    break
+            else:
+                raise NodeError(f"no farm agent answered on {node}", node=node)
+            await session._send("hello", version=protocol.PROTOCOL_VERSION)
+            await session._expect("hello")
+            yield session
+        finally:
+            await session.close()

@@ -1,7 +1,7 @@
 """Stitching: images and indexes, wherever they were pushed, into one index under the tags.
 
-The algorithm the OCI sources jointly imply (research/oci.md §7), done the same way for
-``farm build`` and ``farm imagetools create``:
+The algorithm that the OCI image and distribution specifications and the registries' behaviour
+jointly imply, done the same way for ``farm build`` and ``farm imagetools create``:
 
 1. Resolve each source by digest, keeping the registry's raw bytes. An index source is
    flattened: its children (attestation manifests included) are taken as they are declared.
@@ -19,16 +19,20 @@ The algorithm the OCI sources jointly imply (research/oci.md §7), done the same
 
 Everything is content-addressed and every read is checked against its digest, so a child is
 verified once from wherever it was read, whichever repositories it goes into.
+
+Concurrent requests run in task groups (``_all``): when one fails, its siblings are cancelled and
+awaited before the failure leaves, so none runs on against a registry client being closed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from farm import mediatypes
+from farm.errors import FarmError
 from farm.index import Descriptor, IndexDocument, build_index, children_of, merge_children
 from farm.platforms import Platform
 from farm.registry.client import Manifest, RegistryClient
@@ -44,6 +48,8 @@ from farm.registry.verify import (
 )
 
 __all__ = ["Source", "existing_children", "push_index", "resolve_source"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,10 @@ async def resolve_source(client: RegistryClient, ref: Reference) -> Source:
     if manifest.media_type in mediatypes.INDEX_TYPES:
         declared = children_of(manifest.json())
         # A per-platform index (an image with its attestation) is flattened too.
-        nested = await asyncio.gather(
-            *(
-                client.get_manifest(ref.with_digest(child.digest))
-                for child in declared
-                if child.media_type in mediatypes.INDEX_TYPES
-            )
+        nested = await _all(
+            client.get_manifest(ref.with_digest(child.digest))
+            for child in declared
+            if child.media_type in mediatypes.INDEX_TYPES
         )
         flattened = iter(nested)
         children: list[Descriptor] = []
@@ -128,21 +132,19 @@ async def push_index(
     repositories = _repositories(tags)
     # A layer is scanned where its image was read: by its digest it is the very blob mounted
     # into the targets, so the copies and the scans need not wait for each other.
-    _, scanned = await asyncio.gather(
-        asyncio.gather(*(_copy_into(client, repository, levels) for repository in repositories)),
-        scan_layers(client, unscanned),
-    )
-    scans.update(scanned)
+    async with _TaskGroup() as group:
+        for repository in repositories:
+            group.create_task(_copy_into(client, repository, levels))
+        scanning = group.create_task(scan_layers(client, unscanned))
+    scans.update(scanning.result())
     for image in images:
         check_executables(image.platform, image.layers, scans)
     if len(repositories) > 1:
         # Every repository takes the index before any tag moves, so that one refusing it leaves
         # every tag as it was. In a single repository the first tag's PUT is that test.
-        await asyncio.gather(
-            *(
-                client.put_manifest(repository.with_digest(index.digest), index.raw, index.media_type)
-                for repository in repositories
-            )
+        await _all(
+            client.put_manifest(repository.with_digest(index.digest), index.raw, index.media_type)
+            for repository in repositories
         )
     for tag in tags:
         await client.put_manifest(tag, index.raw, index.media_type)
@@ -207,7 +209,7 @@ async def _read_manifests(
     while wanted:
         seen.update(wanted)
         refs = [repository.with_digest(digest) for digest, repository in wanted.items()]
-        manifests = await asyncio.gather(*(held.manifest(client, ref) for ref in refs))
+        manifests = await _all(held.manifest(client, ref) for ref in refs)
         level = {ref.digest: _Read(ref, manifest) for ref, manifest in zip(refs, manifests, strict=True)}
         levels.append(level)
         wanted = {
@@ -233,8 +235,8 @@ async def _read_images(
         for child in children
         if not child.is_attestation and child.platform is not None
     ]
-    configs = await asyncio.gather(
-        *(held.config(client, image.ref, str(image.document["config"]["digest"])) for image in images)
+    configs = await _all(
+        held.config(client, image.ref, str(image.document["config"]["digest"])) for image in images
     )
     for image, config in zip(images, configs, strict=True):
         check_config(config, image.platform, image.ref)
@@ -258,16 +260,14 @@ async def _copy_into(
         for blob in [document["config"], *document.get("layers", [])]:
             if not blob.get("urls"):  # a foreign layer lives elsewhere by design
                 blobs.setdefault(str(blob["digest"]), (read.ref, int(blob["size"])))
-    await asyncio.gather(*(_put_blob(client, target, digest, *where) for digest, where in blobs.items()))
+    await _all(_put_blob(client, target, digest, *where) for digest, where in blobs.items())
     indexes_deepest_first = [[read for read in level if read.is_index] for level in reversed(foreign)]
     for batch in [images, *indexes_deepest_first]:
-        await asyncio.gather(
-            *(
-                client.put_manifest(
-                    target.with_digest(read.ref.digest), read.manifest.raw, read.manifest.media_type
-                )
-                for read in batch
+        await _all(
+            client.put_manifest(
+                target.with_digest(read.ref.digest), read.manifest.raw, read.manifest.media_type
             )
+            for read in batch
         )
 
 
@@ -285,7 +285,7 @@ async def _put_blob(
 
 
 async def _already_tagged(client: RegistryClient, tags: Sequence[Reference], digest: str) -> bool:
-    found = await asyncio.gather(*(client.head_manifest(tag) for tag in tags))
+    found = await _all(client.head_manifest(tag) for tag in tags)
     return all(info is not None and info.digest == digest for info in found)
 
 
@@ -294,3 +294,41 @@ def _repositories(tags: Sequence[Reference]) -> list[Reference]:
     for tag in tags:
         seen.setdefault(tag.name, tag)
     return list(seen.values())
+
+
+class _TaskGroup:
+    """An ``asyncio.TaskGroup`` whose failure, when it is farm errors only, leaves as the first of
+    them, as ``asyncio.gather`` raised it: a caller catching ``RegistryError`` still catches it,
+    and the message a user sees is the one it was. Anything else (a bug among them) leaves as the
+    group, so that no bug hides behind a registry error."""
+
+    def __init__(self) -> None:
+        self._group = asyncio.TaskGroup()
+
+    async def __aenter__(self) -> asyncio.TaskGroup:
+        return await self._group.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._group.__aexit__(*exc_info)
+        except BaseExceptionGroup as failed:
+            leaves = _leaves(failed)
+            if not all(isinstance(leaf, FarmError) for leaf in leaves):
+                raise
+            first = leaves[0]
+        else:
+            return
+        raise first
+
+
+async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coroutines`` concurrently in a ``_TaskGroup``; their results, in order."""
+    async with _TaskGroup() as group:
+        tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    return [task.result() for task in tasks]
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]

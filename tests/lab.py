@@ -87,6 +87,39 @@ def unmount_below(path: Path) -> None:
         subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
 
+def processes_running(marker: str) -> list[str]:
+    """Command lines, from the process table, of live processes mentioning ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                text = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in text and state != "Z":
+            found.append(f"{pid}: {text}")
+    return found
+
+
+HELLO = REPO / "examples" / "hello"
+
+
+def hello_context(tmp_path: Path, registry: Registry) -> Path:
+    """examples/hello, with its base pointing at this session's registry."""
+    context = tmp_path / "hello"
+    context.mkdir()
+    for item in HELLO.iterdir():
+        (context / item.name).write_bytes(item.read_bytes())
+        os.chmod(context / item.name, item.stat().st_mode)
+    dockerfile = context / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("localhost:5000", registry.host))
+    # A context of this test's own: no earlier build (another test's) is reused as unchanged.
+    (context / "nonce").write_text(str(tmp_path))
+    return context
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

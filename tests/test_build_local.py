@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests import lab
+from tests.lab import hello_context
 
 pytestmark = pytest.mark.lab
 
-HELLO = lab.REPO / "examples" / "hello"
 UNAME = {
     "linux/amd64": "x86_64",
     "linux/arm64": "aarch64",
@@ -21,20 +21,6 @@ UNAME = {
     "linux/s390x": "s390x",
     "linux/ppc64le": "ppc64le",
 }
-
-
-def hello_context(tmp_path: Path, registry: lab.Registry) -> Path:
-    """examples/hello, with its base pointing at this session's registry."""
-    context = tmp_path / "hello"
-    context.mkdir()
-    for item in HELLO.iterdir():
-        (context / item.name).write_bytes(item.read_bytes())
-        os.chmod(context / item.name, item.stat().st_mode)
-    dockerfile = context / "Dockerfile"
-    dockerfile.write_text(dockerfile.read_text().replace("localhost:5000", registry.host))
-    # A context of this test's own: no earlier build (another test's) is reused as unchanged.
-    (context / "nonce").write_text(str(tmp_path))
-    return context
 
 
 def write_context(root: Path, dockerfile: str, files: dict[str, str] | None = None) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,22 +13,6 @@ import pytest
 from tests import lab
 
 pytestmark = pytest.mark.lab
-
-
-def processes_running(marker: str) -> list[str]:
-    """Command lines, from the process table, of live processes mentioning ``marker``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                text = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as stat:
-                state = stat.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in text and state != "Z":
-            found.append(f"{pid}: {text}")
-    return found
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
@@ -61,7 +44,7 @@ def test_stopping_farm_mid_build_leaves_nothing_behind(
                 if len(started) == 2:
                     break
         assert len(started) == 2, "both builds should have reached their RUN step"
-        assert processes_running(marker)
+        assert lab.processes_running(marker)
         farm.send_signal(signum)
         farm.communicate(timeout=60)
     finally:
@@ -70,7 +53,7 @@ def test_stopping_farm_mid_build_leaves_nothing_behind(
     assert farm.returncode != 0
 
     # The agents notice (stdin closed, or the coordinator gone) and kill each build's process group.
-    lab.wait_until(lambda: not processes_running(marker), "the builders to be killed", seconds=30)
-    lab.wait_until(lambda: not processes_running(str(node_workdir)), "the agents to exit", seconds=30)
+    lab.wait_until(lambda: not lab.processes_running(marker), "the builders to be killed", seconds=30)
+    lab.wait_until(lambda: not lab.processes_running(str(node_workdir)), "the agents to exit", seconds=30)
     assert list((node_workdir / "builds").iterdir()) == []
     assert registry.tags("cancel/x") == []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import lab, sshlab
-from tests.test_cancel import processes_running
+from tests.lab import processes_running
 
 pytestmark = pytest.mark.lab
 

@@ -26,8 +26,8 @@ from farm.registry.client import RegistryClient
 from farm.registry.name import parse_reference
 from farm.stitch import push_index, resolve_source
 from tests import lab
+from tests.lab import hello_context
 from tests.oci import assert_valid_oci_index, assert_valid_oci_manifest
-from tests.test_build_local import hello_context
 
 pytestmark = pytest.mark.lab
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import lab
-from tests.test_cancel import processes_running
+from tests.lab import processes_running
 
 pytestmark = pytest.mark.lab
 

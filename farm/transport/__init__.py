@@ -1,11 +1,13 @@
 """How the coordinator reaches a node's agent: a process whose stdin and stdout carry the protocol.
 
-A transport only starts the agent; everything said to it goes through ``farm.session``. The local
-node runs the agent as a subprocess; SSH nodes run the very same zipapp over an SSH session.
+A transport only starts the agent, and owns it for an ``async with`` block; everything said to it
+goes through ``farm.session``. The local node runs the agent as a subprocess; SSH nodes run the
+very same zipapp over an SSH session.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from farm.transport.bundle import AgentBundle, agent_bundle
@@ -33,4 +35,7 @@ class AgentProcess(Protocol):
 
 
 class Transport(Protocol):
-    async def start_agent(self, workdir: str) -> AgentProcess: ...
+    def open_agent(self, workdir: str) -> AbstractAsyncContextManager[AgentProcess]:
+        """Start the agent (stage one answered); it is the transport's for the ``async with``
+        block, and ended on the way out with whatever it held (an SSH session slot, a task)."""
+        ...

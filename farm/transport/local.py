@@ -10,11 +10,13 @@ as on SSH nodes, which hash-checks the copy cached in the workdir before running
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import shutil
 import sys
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from farm.errors import NodeError
@@ -68,12 +70,18 @@ def agent_account(node: str, requested: str | None) -> AgentAccount:
 
 
 class SubprocessAgent:
+    """The agent as a subprocess: the ``AgentProcess`` interface over its pipes.
+
+    Its stderr is collected by a task that ``LocalTransport.open_agent`` owns: cancelled, if it
+    has not ended, and awaited when the agent is done with.
+    """
+
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
         self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
         self._pushed_back: deque[bytes] = deque()
         assert process.stderr is not None
-        self._stderr_task = asyncio.ensure_future(self._collect_stderr(process.stderr))
+        self._stderr_task = asyncio.create_task(self._collect_stderr(process.stderr))
 
     async def _collect_stderr(self, stream: asyncio.StreamReader) -> None:
         async for line in stream:
@@ -113,6 +121,13 @@ class SubprocessAgent:
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
 
+    async def _end(self) -> None:
+        """Kill the agent if it still runs, reap it and the stderr task."""
+        self.kill()
+        self._stderr_task.cancel()
+        await asyncio.wait([self._stderr_task])
+        await self._process.wait()
+
 
 class LocalTransport:
     """Runs the agent on this machine, as the user ``agent_account`` gives for the node."""
@@ -121,7 +136,10 @@ class LocalTransport:
         self._node = spec.name
         self._user = spec.user
 
-    async def start_agent(self, workdir: str) -> SubprocessAgent:
+    @contextlib.asynccontextmanager
+    async def open_agent(self, workdir: str) -> AsyncIterator[SubprocessAgent]:
+        """The agent, running for as long as the block runs; killed (if it has not ended) and
+        reaped on the way out."""
         account = agent_account(self._node, self._user)
         if account.uid == os.geteuid():
             argv = stage_one_argv(sys.executable, workdir)
@@ -156,5 +174,13 @@ class LocalTransport:
             start_new_session=True,
         )
         agent = SubprocessAgent(process)
-        await answer_stage_one(agent)
-        return agent
+        try:
+            try:
+                await answer_stage_one(agent)
+            except OSError as exc:  # ConnectionError included: the agent died at once
+                raise NodeError(
+                    f"{self._node}: lost the agent while starting it: {exc}", node=self._node
+                ) from exc
+            yield agent
+        finally:
+            await agent._end()

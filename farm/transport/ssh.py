@@ -3,6 +3,10 @@
 * One connection per node, its sessions (one per agent process) bounded below sshd's MaxSessions;
   a bounded number of handshakes at once, so a farm of Pis behind one NAT is not refused by
   sshd's MaxStartups.
+* A session's slot is taken and given back by one ``async with`` (``SessionSlots.take`` inside
+  ``SshTransport.open_agent``), so it comes back on every path: the agent ending, an error, a
+  lost connection, a cancellation. Each connection has slots of its own: a reconnect starts with
+  all of them free, whatever the sessions of the dead connection still hold while they end.
 * Keepalives every 5 s, three missed: a dead node is found within about 20 s.
 * Host keys are verified, always: against the node's ``known_hosts`` or farm's own file plus
   ``~/.ssh/known_hosts``. ``farm nodes add`` pins a new host's key; a changed key is refused,
@@ -21,7 +25,7 @@ import contextlib
 import random
 import shlex
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from farm.transport.bundle import answer_stage_one, stage_one_argv
 
 __all__ = [
     "HostKey",
+    "SessionSlots",
     "SshConnections",
     "SshTransport",
     "fetch_host_key",
@@ -77,15 +82,17 @@ class _VerifyingClient(asyncssh.SSHClient):
 
 
 class SshProcess:
-    """An agent process on a node: the ``AgentProcess`` interface over an SSH session."""
+    """An agent process on a node: the ``AgentProcess`` interface over an SSH session.
 
-    def __init__(self, process: asyncssh.SSHClientProcess[bytes], release: asyncio.Semaphore) -> None:
+    Its stderr is collected by a task that ``SshTransport.open_agent`` owns: cancelled, if it has
+    not ended, and awaited when the session ends.
+    """
+
+    def __init__(self, process: asyncssh.SSHClientProcess[bytes]) -> None:
         self._process = process
-        self._release = release
         self._pushed_back: deque[bytes] = deque()
         self._stderr: deque[str] = deque(maxlen=_STDERR_LINES)
-        self._stderr_task = asyncio.ensure_future(self._collect_stderr())
-        self._released = False
+        self._stderr_task = asyncio.create_task(self._collect_stderr())
 
     async def _collect_stderr(self) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):
@@ -95,9 +102,15 @@ class SshProcess:
     def push_back(self, line: bytes) -> None:
         self._pushed_back.append(line)
 
+    # asyncssh reports a lost connection as its own error (ConnectionLost, not an OSError): the
+    # streams say ConnectionError, as the ``AgentProcess`` interface and the local pipes do.
+
     async def write(self, data: bytes) -> None:
-        self._process.stdin.write(data)
-        await self._process.stdin.drain()
+        try:
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+        except asyncssh.Error as exc:
+            raise ConnectionError(str(exc)) from exc
 
     async def readline(self) -> bytes:
         if self._pushed_back:
@@ -108,7 +121,10 @@ class SshProcess:
             raise ConnectionError(str(exc)) from exc
 
     async def readexactly(self, size: int) -> bytes:
-        return await self._process.stdout.readexactly(size)
+        try:
+            return await self._process.stdout.readexactly(size)
+        except asyncssh.Error as exc:
+            raise ConnectionError(str(exc)) from exc
 
     def close_stdin(self) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):
@@ -122,28 +138,59 @@ class SshProcess:
             return -1 if code is None else code
         except (asyncssh.Error, OSError):
             return -1
-        finally:
-            self._done()
 
     def kill(self) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):
             self._process.close()
-        self._done()
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr)
 
-    def _done(self) -> None:
-        if not self._released:
-            self._released = True
-            self._release.release()
+    async def _end(self) -> None:
+        """Close the session (if it is still open) and reap the stderr task."""
+        self.kill()
+        self._stderr_task.cancel()
+        await asyncio.wait([self._stderr_task])
+
+
+class SessionSlots:
+    """The sessions one SSH connection may still open, below sshd's MaxSessions.
+
+    A slot is held for the ``async with take()`` block and given back when it ends, however it
+    ends (cancellation included).
+    """
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self.limit = limit
+        self._semaphore = asyncio.Semaphore(limit)
+        self._held = 0
+
+    @property
+    def free(self) -> int:
+        return self.limit - self._held
+
+    @contextlib.asynccontextmanager
+    async def take(self) -> AsyncIterator[None]:
+        async with self._semaphore:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
 
 
 @dataclass
-class _Connection:
-    connection: asyncssh.SSHClientConnection | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    sessions: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_SESSIONS))
+class _Link:
+    """One live SSH connection to a node and its session slots."""
+
+    connection: asyncssh.SSHClientConnection
+    slots: SessionSlots = field(default_factory=SessionSlots)
+
+
+@dataclass
+class _Node:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one handshake at a time per node
+    link: _Link | None = None
 
 
 class SshConnections:
@@ -152,20 +199,23 @@ class SshConnections:
     def __init__(self, known_hosts: Path = FARM_KNOWN_HOSTS) -> None:
         self._known_hosts = known_hosts
         self._handshakes = asyncio.Semaphore(MAX_HANDSHAKES)
-        self._nodes: dict[str, _Connection] = {}
+        self._nodes: dict[str, _Node] = {}
 
     async def close(self) -> None:
         for entry in self._nodes.values():
-            if entry.connection is not None:
-                entry.connection.close()
-                await entry.connection.wait_closed()
+            if entry.link is not None:
+                entry.link.connection.close()
+                await entry.link.connection.wait_closed()
 
-    async def connection(self, spec: NodeSpec) -> tuple[asyncssh.SSHClientConnection, asyncio.Semaphore]:
-        entry = self._nodes.setdefault(spec.name, _Connection())
+    async def connection(self, spec: NodeSpec) -> tuple[asyncssh.SSHClientConnection, SessionSlots]:
+        """The node's connection (made, or made again if it was lost) and its session slots."""
+        entry = self._nodes.setdefault(spec.name, _Node())
         async with entry.lock:
-            if entry.connection is None or entry.connection.is_closed():
-                entry.connection = await self._connect_with_retries(spec)
-        return entry.connection, entry.sessions
+            if entry.link is None or entry.link.connection.is_closed():
+                # Slots of its own: sessions of the lost connection give theirs back as they end,
+                # never holding this one's.
+                entry.link = _Link(await self._connect_with_retries(spec))
+            return entry.link.connection, entry.link.slots
 
     async def _connect_with_retries(self, spec: NodeSpec) -> asyncssh.SSHClientConnection:
         for attempt in range(_CONNECT_ATTEMPTS):
@@ -360,17 +410,27 @@ class SshTransport:
         self._spec = spec
         self._connections = connections
 
-    async def start_agent(self, workdir: str) -> SshProcess:
-        connection, sessions = await self._connections.connection(self._spec)
+    @contextlib.asynccontextmanager
+    async def open_agent(self, workdir: str) -> AsyncIterator[SshProcess]:
+        """An agent on the node, in a session slot of the node's connection for as long as the
+        block runs; on the way out the session is closed and the slot given back."""
+        connection, slots = await self._connections.connection(self._spec)
         command = " ".join(shlex.quote(part) for part in stage_one_argv("python3", workdir))
-        await sessions.acquire()
-        try:
-            process = await connection.create_process(command, encoding=None, request_pty=False)
-        except (asyncssh.Error, OSError) as exc:
-            sessions.release()
-            raise NodeError(
-                f"{self._spec.name}: cannot start the agent: {exc}", node=self._spec.name
-            ) from exc
-        agent = SshProcess(process, sessions)
-        await answer_stage_one(agent)
-        return agent
+        async with slots.take():
+            try:
+                process = await connection.create_process(command, encoding=None, request_pty=False)
+            except (asyncssh.Error, OSError) as exc:
+                raise NodeError(
+                    f"{self._spec.name}: cannot start the agent: {exc}", node=self._spec.name
+                ) from exc
+            agent = SshProcess(process)
+            try:
+                try:
+                    await answer_stage_one(agent)
+                except (asyncssh.Error, OSError) as exc:  # ConnectionError included
+                    raise NodeError(
+                        f"{self._spec.name}: lost the agent while starting it: {exc}", node=self._spec.name
+                    ) from exc
+                yield agent
+            finally:
+                await agent._end()

@@ -36,9 +36,9 @@ def sync_request(files: dict[str, bytes], sent: list[str], **fields: object) -> 
     return b"".join(frames)
 
 
-def run_agent(workdir: Path, stdin: bytes) -> list[Message]:
+def run_agent(workdir: Path, stdin: bytes, **options: int) -> list[Message]:
     out = io.BytesIO()
-    Agent(str(workdir), io.BytesIO(stdin), out).serve()
+    Agent(str(workdir), io.BytesIO(stdin), out, **options).serve()
     marker, *lines = out.getvalue().splitlines()
     assert marker == MARKER
     return [decode(line) for line in lines]
@@ -68,7 +68,7 @@ def test_eviction_after_a_sync_never_takes_the_synced_contexts_blobs(tmp_path: P
     run_agent(tmp_path, sync_request(FILES, ["a", "b", "c"]))
     changed = {**FILES, "b": b"B" * 200}
     # A limit no context fits: everything but what this sync leased goes.
-    reply = run_agent(tmp_path, sync_request(changed, ["b"], store_limit=1))
+    reply = run_agent(tmp_path, sync_request(changed, ["b"]), store_limit=1)
     store = ContentStore(str(tmp_path))
     assert store.has_context(reply[1]["context"])
     assert store.missing([digest_of(FILES["b"])]) == [digest_of(FILES["b"])]
@@ -76,7 +76,7 @@ def test_eviction_after_a_sync_never_takes_the_synced_contexts_blobs(tmp_path: P
 
 def test_a_sync_that_adds_nothing_evicts_nothing(tmp_path: Path) -> None:
     run_agent(tmp_path, sync_request(FILES, ["a", "b", "c"]))
-    run_agent(tmp_path, sync_request({"a": FILES["a"]}, [], store_limit=1))
+    run_agent(tmp_path, sync_request({"a": FILES["a"]}, []), store_limit=1)
     assert ContentStore(str(tmp_path)).missing(digest_of(data) for data in FILES.values()) == []
 
 

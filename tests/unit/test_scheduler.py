@@ -310,7 +310,10 @@ def test_draining_and_cordoned_nodes_are_not_waited_for(state: State) -> None:
         ARM64,
         f"linux/arm64: pi runs it natively but is {state}; emulation is denied for it; x86 could emulate it",
         "allow it with --emulation allow=linux/arm64; "
-        "a draining or cordoned node takes work again once undrained or uncordoned",
+        + {
+            "draining": "a drained node takes work again once undrained ('farm nodes undrain')",
+            "cordoned": "a cordoned node takes work again once uncordoned",
+        }[state],
     )
 
 
