@@ -73,11 +73,16 @@ class _Writer:
 
 
 class Agent:
-    def __init__(self, workdir: str, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    def __init__(
+        self, workdir: str, stdin: IO[bytes], stdout: IO[bytes], store_limit: int = DEFAULT_LIMIT
+    ) -> None:
         self.workdir = os.path.abspath(workdir)
         self.stdin = stdin
         self.out = _Writer(stdout)
         self.store = ContentStore(self.workdir)
+        # The node's own bound on its content store: no coordinator setting exists to send, and
+        # the store is shared by every coordinator that uses the node.
+        self.store_limit = store_limit
         self.last_heartbeat = time.monotonic()
         self.runner: Runner | None = None
         self.build_thread: threading.Thread | None = None
@@ -162,8 +167,7 @@ class Agent:
         # After the answer: the lease, not the recency, keeps this context's blobs until the build.
         self.store.touch(set(blobs).difference(needed))
         if needed:  # only a sync that adds blobs can take the store over its limit: each evicts after
-            limit = message.get("store_limit")
-            self.store.evict(int(limit) if limit else DEFAULT_LIMIT)
+            self.store.evict(self.store_limit)
             self.store.drop_stale_manifests(MANIFEST_MAX_AGE)
 
     def _build(self, request: Message, runner: Runner) -> None:
@@ -183,7 +187,7 @@ class Agent:
             self.out.send("error", kind=kind, message=str(exc), log_tail=exc.tail)
         except PushError as exc:
             self.out.send("error", kind="registry", message=str(exc), status=exc.status)
-        except (UnsafeEntryError, KeyError, ValueError) as exc:
+        except (UnsafeEntryError, _BadRequest) as exc:
             self.out.send("error", kind="input", message=str(exc))
         except OSError as exc:
             self.out.send("error", kind="node", message=f"{type(exc).__name__}: {exc}")
@@ -198,44 +202,46 @@ class Agent:
             shutil.rmtree(build_dir, ignore_errors=True)
 
     def _run_build(self, request: Message, build_dir: str, runner: Runner) -> None:
-        context = str(request["context"])
+        # The request is read whole first: what is wrong with it is the coordinator's (``input``);
+        # a KeyError or ValueError raised after is this agent's own bug.
+        try:
+            context = str(request["context"])
+            spec = BuildSpec(
+                builder=str(request["builder"]),
+                workdir=self.workdir,
+                build_dir=build_dir,
+                platform=str(request["platform"]),
+                dockerfile=str(request["dockerfile"]),
+                build_args=_string_map(request.get("build_args", {})),
+                target=str(request.get("target") or ""),
+                insecure_registries=list(request.get("insecure_registries", [])),
+                isolation=str(request.get("isolation", "oci")),
+                network=str(request.get("network", "default")),
+            )
+            slots = int(request.get("slots", 1))
+            push = request["push"]
+            registry_url, repository = str(push["registry_url"]), str(push["repository"])
+            authorization = push.get("authorization")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _BadRequest(f"malformed build request: {type(exc).__name__}: {exc}") from exc
         try:
             entries: list[Entry] = self.store.load_context(context)
         except FileNotFoundError:
-            raise ValueError(f"context {context} was not synced to this node") from None
+            raise _BadRequest(f"context {context} was not synced to this node") from None
         # Leased as it is looked up: nothing found here is evicted before it is laid out.
         if self.store.lease(entry[3] for entry in entries if entry[3]):
-            raise ValueError(f"context {context} was not synced to this node")
+            raise _BadRequest(f"context {context} was not synced to this node")
         if os.path.exists(build_dir):
             shutil.rmtree(build_dir)
         os.makedirs(build_dir)
-        spec = BuildSpec(
-            builder=str(request["builder"]),
-            workdir=self.workdir,
-            build_dir=build_dir,
-            platform=str(request["platform"]),
-            dockerfile=str(request["dockerfile"]),
-            build_args=_string_map(request.get("build_args", {})),
-            target=str(request.get("target") or ""),
-            insecure_registries=list(request.get("insecure_registries", [])),
-            isolation=str(request.get("isolation", "oci")),
-            network=str(request.get("network", "default")),
-        )
         self.store.lay_out(entries, spec.context_dir)
         waiting = "farm: every build slot of this node is taken; waiting for one"
         try:
-            with hold_slot(
-                self.workdir, int(request.get("slots", 1)), runner.cancelled, lambda: self._log(waiting)
-            ):
+            with hold_slot(self.workdir, slots, runner.cancelled, lambda: self._log(waiting)):
                 tidy_store(spec.builder, self.workdir, runner, _MIN_FREE_DISK)
                 layout = export_image(spec, runner)
-                push = request["push"]
                 digest, size, media_type = push_layout(
-                    layout,
-                    str(push["registry_url"]),
-                    str(push["repository"]),
-                    push.get("authorization"),
-                    refresh=self._ask_authorization,
+                    layout, registry_url, repository, authorization, refresh=self._ask_authorization
                 )
         except InterruptedError as exc:
             raise Cancelled() from exc
@@ -261,6 +267,10 @@ class Agent:
             running = self.build_thread is not None and self.build_thread.is_alive()
             if running and time.monotonic() - self.last_heartbeat > HEARTBEAT_TIMEOUT:
                 self._cancel()
+
+
+class _BadRequest(Exception):
+    """A build request that is malformed, or names a context this node lacks: an ``input`` error."""
 
 
 def _string_map(value: Any) -> dict[str, str]:

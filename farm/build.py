@@ -1,11 +1,13 @@
-"""One ``farm build``: plan, dispatch, collect, verify, stitch — all or nothing.
+"""One build: plan, dispatch, collect, verify, stitch — all or nothing.
 
-    options ─► scan context ─► probe nodes ─► plan (scheduler) ─► pin base images by digest
+    BuildRequest ─► probe nodes ─► plan (scheduler) ─► pin base images by digest
             ─► per platform, concurrently: slot → sync context → build → push by digest → verify
             ─► index ─► PUT under every tag, only when every platform succeeded
 
-Progress is reported as ``PlatformEvent``s to a callback; the result is one ``BuildResult`` from
-which the CLI writes the summary and the metadata file.
+``read_request`` makes the request from a context folder and a Dockerfile (``farm build``);
+``farm serve`` makes it from what a client sent. Progress is reported as the build API's events
+(``farm.api``) to a callback; the result is one ``BuildResult`` from which the CLI writes the
+summary and the metadata file, and ``farm serve`` its history.
 """
 
 from __future__ import annotations
@@ -18,13 +20,28 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, cast
 
 from farm import mediatypes
+from farm.api import (
+    Assigned,
+    Building,
+    BuildOptions,
+    BuildRequest,
+    BuildResult,
+    ContextSync,
+    EventSink,
+    LogLine,
+    PlatformEvent,
+    PlatformFailed,
+    PlatformResult,
+    Retrying,
+    Reused,
+    Syncing,
+    Verifying,
+    Waiting,
+)
 from farm.context import Context, StatCache, scan_context
 from farm.dockerfile import BaseImage, parse_stages, pin_bases
 from farm.errors import (
@@ -42,7 +59,7 @@ from farm.platforms import Platform, normalize, parse_platform
 from farm.registry.client import Manifest, RegistryClient
 from farm.registry.name import Reference, parse_reference
 from farm.registry.verify import LayerScan, verify_image
-from farm.scheduler import Decision, Fail, Mode, Policy, Request, affinity_key, plan
+from farm.scheduler import Decision, Fail, Mode, Request, affinity_key, plan
 from farm.stitch import Source, existing_children, push_index
 
 # farm.dispatch, farm.nodes and farm.session are imported where a build reaches its nodes: an
@@ -52,142 +69,25 @@ if TYPE_CHECKING:
     from farm.nodes import Node
     from farm.session import AgentSession
 
-__all__ = [
-    "BuildOptions",
-    "BuildResult",
-    "PlatformEvent",
-    "PlatformResult",
-    "dry_run",
-    "parse_tags",
-    "read_dockerfile",
-    "run_build",
-]
+__all__ = ["dry_run", "read_request", "run_build"]
 
 
-class BuildOptions(BaseModel):
-    """A ``farm build`` request, as the CLI parsed it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    context: Path
-    dockerfile: Path | None = None
-    tags: tuple[str, ...] = Field(min_length=1)
-    platforms: tuple[Platform, ...] = Field(min_length=1)
-    build_args: dict[str, str] = Field(default_factory=dict)
-    target: str = ""
-    insecure_registries: tuple[str, ...] = ()
-    append: bool = Field(default=False, description="replace only these platforms in what the tag holds")
-    policy: Policy = Field(default_factory=Policy, description="emulation, labels, native wait")
-    retries: int = Field(default=2, ge=0, description="other nodes a platform may try after a node fault")
-    allow_partial: bool = Field(default=False, description="push what succeeded, list what did not")
-    no_cache: bool = Field(default=False, description="build even what an earlier build already made")
-    annotations: dict[str, str] = Field(default_factory=dict, description="index annotations")
-    network: Literal["default", "host", "none"] = Field(
-        default="default",
-        description="RUN steps' network, by buildx's names: their own with outbound access, the node's, none",
-    )
-
-
-@dataclass(frozen=True)
-class PlatformEvent:
-    platform: Platform
-    node: str
-    state: str  # queued, syncing, building, verifying, done, failed, log
-    detail: str = ""
-    synced: ContextSync | None = None  # on the "syncing" event that ends a sync: what it moved
-
-
-@dataclass(frozen=True)
-class ContextSync:
-    """What syncing a context to a node moved: the node had the rest already."""
-
-    context_bytes: int
-    sent_files: int
-    sent_bytes: int
-
-    @property
-    def skipped_bytes(self) -> int:
-        return max(0, self.context_bytes - self.sent_bytes)
-
-
-@dataclass(frozen=True)
-class PlatformResult:
-    platform: Platform
-    node: str
-    mode: Mode
-    digest: str
-    size: int
-    media_type: str
-    seconds: float
-    reused: bool = False  # unchanged since an earlier build: nothing was dispatched
-
-    def record(self, repository: Reference) -> dict[str, object]:
-        return {
-            "repository": repository.name,
-            "digest": self.digest,
-            "size": self.size,
-            "media_type": self.media_type,
-            "node": self.node,
-            "mode": self.mode,
-        }
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    tags: tuple[Reference, ...]
-    index_digest: str
-    index_media_type: str
-    index_size: int
-    platforms: tuple[PlatformResult, ...]
-    missing: dict[str, str] = field(default_factory=dict)  # platform -> why (with --allow-partial)
-
-    def metadata(self) -> dict[str, Any]:
-        """The ``--metadata-file`` document, with buildx's key names where buildx has them."""
-        return {
-            "containerimage.digest": self.index_digest,
-            "containerimage.descriptor": {
-                "mediaType": self.index_media_type,
-                "digest": self.index_digest,
-                "size": self.index_size,
-            },
-            "image.name": ",".join(str(tag) for tag in self.tags),
-            "farm.platforms": {
-                str(result.platform): {
-                    "digest": result.digest,
-                    "node": result.node,
-                    "mode": result.mode,
-                    "seconds": round(result.seconds, 3),
-                }
-                for result in self.platforms
-            },
-            **({"farm.missing": dict(self.missing)} if self.missing else {}),
-        }
-
-
-EventSink = Callable[[PlatformEvent], None]
+async def read_request(options: BuildOptions, context: Path, dockerfile: Path | None = None) -> BuildRequest:
+    """The request to build ``options`` from the ``context`` folder (scanned once, ``.dockerignore``
+    applied) and ``dockerfile`` (default: CONTEXT/Dockerfile)."""
+    scanned = await asyncio.to_thread(scan_context, context, StatCache.for_context(context))
+    return BuildRequest(options, scanned, read_dockerfile(dockerfile or context / "Dockerfile"))
 
 
 async def run_build(
-    options: BuildOptions,
+    request: BuildRequest,
     inventory: Inventory,
     on_event: EventSink,
     drained: frozenset[str] = frozenset(),
 ) -> BuildResult:
-    tags = parse_tags(options.tags)
-    context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
-    dockerfile_text = read_dockerfile(options)
-    return await _build(options, tags, context, dockerfile_text, inventory, drained, on_event)
-
-
-async def _build(
-    options: BuildOptions,
-    tags: list[Reference],
-    context: Context,
-    dockerfile_text: str,
-    inventory: Inventory,
-    drained: frozenset[str],
-    on_event: EventSink,
-) -> BuildResult:
+    """Build ``request`` on ``inventory``'s nodes (but those ``drained``) and push its index."""
+    options, context, dockerfile_text = request.options, request.context, request.dockerfile
+    tags = options.references()
     target = tags[0]
     async with RegistryClient(insecure_registries=options.insecure_registries) as client:
         await client.ping(target)
@@ -247,7 +147,7 @@ async def _dispatch(
         )
 
     def report(platform: Platform, node: str, state: str, detail: str) -> None:
-        on_event(PlatformEvent(platform, node, state, detail))
+        on_event(_dispatch_event(platform, node, state, detail))
 
     async with open_nodes(inventory, drained) as nodes:
         await asyncio.gather(*(probe(node) for node in nodes))
@@ -304,9 +204,7 @@ async def _reusable(
             seconds=0.0,
             reused=True,
         )
-        on_event(
-            PlatformEvent(platform, str(record["node"]), "done", "unchanged since an earlier build: reused")
-        )
+        on_event(Reused(platform, str(record["node"]), str(record["digest"])))
     return reused
 
 
@@ -369,17 +267,7 @@ class _History:
             partial.replace(self.path)
 
 
-def parse_tags(texts: tuple[str, ...]) -> list[Reference]:
-    """The tags of a build; a digest is refused (farm computes it)."""
-    tags = [parse_reference(text) for text in texts]
-    for tag in tags:
-        if tag.digest:
-            raise InputError(f"tag {tag} names a digest", hint="tag with NAME:TAG; farm computes the digest")
-    return tags
-
-
-def read_dockerfile(options: BuildOptions) -> str:
-    path = options.dockerfile or options.context / "Dockerfile"
+def read_dockerfile(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -509,9 +397,9 @@ async def _build_platform(
             session,
             node,
             context,
-            lambda detail, synced: on_event(PlatformEvent(platform, name, "syncing", detail, synced)),
+            lambda sent: on_event(Syncing(platform, name, len(context.entries), context.size, sent)),
         )
-        on_event(PlatformEvent(platform, name, "building", mode))
+        on_event(Building(platform, name, mode))
         build_args = {
             **options.build_args,
             **platform.build_args("TARGET"),
@@ -540,11 +428,11 @@ async def _build_platform(
                     "authorization": await client.push_authorization(target),
                 },
             },
-            lambda line: on_event(PlatformEvent(platform, name, "log", line)),
+            lambda line: on_event(LogLine(platform, name, line)),
             lambda: client.push_authorization(target),
         )
     seconds = time.monotonic() - started
-    on_event(PlatformEvent(platform, name, "verifying", str(reply["digest"])))
+    on_event(Verifying(platform, name, str(reply["digest"])))
     descriptor = await verify_image(client, target, str(reply["digest"]), platform, scans)
     return PlatformResult(
         platform=platform,
@@ -558,16 +446,29 @@ async def _build_platform(
 
 
 async def _sync_for_build(
-    session: AgentSession, node: Node, context: Context, report: Callable[[str, ContextSync | None], None]
+    session: AgentSession, node: Node, context: Context, report: Callable[[ContextSync | None], None]
 ) -> None:
     """Sync the context in the session that builds it: the agent leases what it holds for as long as
     that session lives, so nothing the build lays out can be evicted before it is laid out (a sync
     in an earlier session holds nothing once that session ends). One sync at a time per node: the
     node's other platforms find nothing left to send, only the manifest goes again."""
     async with node.syncing:
-        report(f"{len(context.entries)} entries, {context.size} bytes", None)
+        report(None)
         blobs, sent = await session.sync(context)
-        report(f"sent {blobs} files, {sent} bytes", ContextSync(context.size, blobs, sent))
+        report(ContextSync(context.size, blobs, sent))
+
+
+def _dispatch_event(platform: Platform, node: str, state: str, detail: str) -> PlatformEvent:
+    """The dispatch loop's news (a state and a line of text) as the build API's event."""
+    if state == "waiting":
+        return Waiting(platform, node, detail)
+    if state == "assigned":
+        return Assigned(platform, node, detail)
+    if state == "retrying":
+        return Retrying(platform, node, detail)
+    if state == "failed":
+        return PlatformFailed(platform, node, detail)
+    raise ValueError(f"the dispatch loop reported {state!r}, which is no state it has")
 
 
 def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:

@@ -1,6 +1,18 @@
 """The ``farm`` command line: parse options into models, call one function, print its result.
 
-This is the only place that turns farm's typed errors into messages and exit codes.
+Commands raise; they never exit. The ``farm`` group's ``invoke`` is the one boundary where what a
+command returned (a build's ``Outcome``) and what it raised become a message and an exit code:
+
+    returned Pushed / Partial           0 / 3
+    raised   FarmError                  its exit_code: 1 failed, 2 bad input, 70 a server's bug,
+                                        130 cancelled (on farm serve, by another client)
+    raised   KeyboardInterrupt          130 (Ctrl-C, or SIGTERM: ``_run`` turns it into one)
+    raised   anything else              70, a bug: its traceback is shown
+
+An exception group (from a TaskGroup) is judged by its leaves: a bug anywhere in it makes it a bug
+(exit 70, the bug's traceback shown; ``--debug`` shows the whole group), else an interruption, else
+the first FarmError. ``main()`` runs the group; tests run it through click's ``CliRunner`` with a
+``Cli`` object whose ``run_build`` is theirs (flask's ``FlaskCliRunner`` does the same with an app).
 """
 
 from __future__ import annotations
@@ -12,32 +24,97 @@ import logging
 import os
 import signal
 import socket
-import sys
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from farm.errors import BuildError, BuildFailedError, FarmError, InputError
+from farm.errors import (
+    EXIT_BUG,
+    EXIT_CANCELLED,
+    BuildError,
+    BuildFailedError,
+    FarmError,
+    InputError,
+    bug_in,
+    error_leaves,
+)
 from farm.paths import FARM_KNOWN_HOSTS, STATE_DIR
 
 # Each command imports what only it needs: the process is started for one command, and its
 # start-up is most of the time of a quick one (an unchanged rebuild, an imagetools create).
 if TYPE_CHECKING:
-    from farm.build import BuildResult
-    from farm.inventory import NodeSpec
+    from farm.api import BuildOptions, BuildRequest, BuildResult, EventSink, Outcome
+    from farm.inventory import Inventory, NodeSpec
     from farm.nodes import Node
     from farm.platforms import Platform
     from farm.scheduler import Decision
     from farm.serve import ServerOptions
 
-__all__ = ["main"]
+__all__ = ["Cli", "Here", "OnServer", "RunBuild", "cli", "main"]
 
 T = TypeVar("T")
-_BUG_EXIT = 70  # EX_SOFTWARE: farm itself failed
-PARTIAL_EXIT = 3  # --allow-partial: pushed, but some platforms are missing
+
+
+@dataclass(frozen=True)
+class Here:
+    """``farm build`` builds on these nodes itself."""
+
+    inventory: Inventory
+    drained: frozenset[str]
+
+
+@dataclass(frozen=True)
+class OnServer:
+    """``farm build --server``: a ``farm serve`` builds, on its own nodes."""
+
+    server: ServerOptions
+
+
+RunBuild = Callable[
+    ["BuildRequest", "Here | OnServer", "EventSink", Callable[[str], None]], Awaitable["BuildResult"]
+]
+
+
+async def run_build_here_or_on_server(
+    request: BuildRequest, where: Here | OnServer, on_event: EventSink, on_note: Callable[[str], None]
+) -> BuildResult:
+    """How ``farm build`` builds: ``farm.build.run_build`` here, or the same on a ``farm serve``."""
+    if isinstance(where, OnServer):
+        from farm.serve import remote_build
+
+        return await remote_build(where.server, request, on_event, on_note)
+    from farm.build import run_build
+
+    return await run_build(request, where.inventory, on_event, where.drained)
+
+
+@dataclass
+class Cli:
+    """What every command shares (click's ``ctx.obj``); tests pass their own ``run_build``."""
+
+    debug: bool = False
+    run_build: RunBuild = run_build_here_or_on_server
+
+
+class _FarmGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; turn its outcome or its error into a message and an exit code."""
+        try:
+            returned = super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise  # click's own: --help, --version, usage errors (exit 2)
+        except BaseException as error:
+            ctx.exit(_report(error, debug=isinstance(ctx.obj, Cli) and ctx.obj.debug))
+        if returned is not None:
+            from farm.api import Partial, Pushed
+
+            if isinstance(returned, Pushed | Partial):
+                ctx.exit(returned.exit_code)
+        return returned
 
 
 _INVENTORY_OPTION = click.option(
@@ -57,13 +134,13 @@ _STATE_OPTION = click.option(
 _JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
-@click.group()
+@click.group(cls=_FarmGroup)
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(package_name="farm")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Build multi-platform container images on native nodes, with QEMU only by policy."""
-    ctx.obj = {"debug": debug}
+    ctx.ensure_object(Cli).debug = debug
 
 
 @cli.command()
@@ -122,9 +199,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     show_default=True,
     help="Other nodes to try after a node fault.",
 )
-@click.option(
-    "--allow-partial", is_flag=True, help=f"Push what succeeded if some platforms fail (exit {PARTIAL_EXIT})."
-)
+@click.option("--allow-partial", is_flag=True, help="Push what succeeded if some platforms fail (exit 3).")
 @click.option("--no-cache", is_flag=True, help="Build every platform, even those unchanged since last time.")
 @click.option(
     "--dry-run", is_flag=True, help="Print where each platform would build, and why; build nothing."
@@ -163,9 +238,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     help="The server's token ($FARM_SERVER_TOKEN; default: STATE-DIR/token, for a server on this machine).",
 )
 # --- end farm serve ---
-@click.pass_context
+@click.pass_obj
 def build(
-    ctx: click.Context,
+    shared: Cli,
     context: Path,
     tags: tuple[str, ...],
     platforms: tuple[str, ...],
@@ -189,71 +264,69 @@ def build(
     dry_run: bool,
     server: str | None,
     server_token: str | None,
-) -> None:
+) -> Outcome | None:
     """Build CONTEXT for every platform on the best node and push one index under each tag.
 
     Exit status: 0 pushed; 1 failed, nothing tagged; 2 bad input; 3 (--allow-partial) pushed
-    without the platforms listed as missing.
+    without the platforms listed as missing; 130 cancelled.
     """
-    from farm.build import BuildOptions, run_build
-    from farm.build import dry_run as plan_build
+    from farm.api import BuildOptions, outcome_of
+    from farm.build import read_request
     from farm.drain import DrainState
     from farm.inventory import load_inventory
     from farm.platforms import parse_platform_list
     from farm.progress import make_progress
     from farm.scheduler import parse_policy
 
-    def parse() -> BuildOptions:
-        return BuildOptions(
-            context=context,
-            dockerfile=dockerfile,
-            tags=tags,
-            platforms=tuple(parse_platform_list(platforms)) if platforms else (_this_platform(),),
-            build_args=_parse_build_args(build_args),
-            target=target,
-            network=network,  # type: ignore[arg-type]  # click.Choice checked it
-            insecure_registries=insecure,
-            append=append,
-            annotations=_parse_pairs(annotations, "--annotation"),
-            policy=parse_policy(emulation=emulation, labels=labels, native_wait=native_wait),
-            retries=retries,
-            allow_partial=allow_partial,
-            no_cache=no_cache,
-        )
+    options = BuildOptions(
+        tags=tags,
+        platforms=tuple(parse_platform_list(platforms)) if platforms else (_this_platform(),),
+        build_args=_parse_build_args(build_args),
+        target=target,
+        network=network,  # type: ignore[arg-type]  # click.Choice checked it
+        insecure_registries=insecure,
+        append=append,
+        annotations=_parse_pairs(annotations, "--annotation"),
+        policy=parse_policy(emulation=emulation, labels=labels, native_wait=native_wait),
+        retries=retries,
+        allow_partial=allow_partial,
+        no_cache=no_cache,
+    )
+    where: Here | OnServer
+    if server:  # the server builds, with its own inventory and queue
+        where = OnServer(_server_options(click.get_current_context(), server, server_token, state_dir))
+    else:
+        where = Here(load_inventory(inventory), DrainState(state_dir).load())
+    if dry_run:
+        for decision in _run(_plan(options, where)):
+            _print_decision(decision)
+        return None
 
-    options = _guard(ctx, parse)
-    if server:  # --- farm serve: the server builds, with its own inventory and queue ---
-        from farm.serve import remote_build, remote_plan
+    renderer = make_progress(progress)
 
-        remote = _guard(ctx, lambda: _server_options(ctx, server, server_token, state_dir))
-        if dry_run:
-            for decision in _guard(ctx, lambda: _run(remote_plan(remote, options))):
-                _print_decision(decision)
-            return
-        renderer = make_progress(progress)
-        try:
-            result = _guard(
-                ctx, lambda: _run(remote_build(remote, options, renderer, lambda n: click.echo(n, err=True)))
-            )
-        finally:
-            renderer.close()
-    else:  # --- end farm serve ---
-        nodes = _guard(ctx, lambda: load_inventory(inventory))
-        drained = _guard(ctx, DrainState(state_dir).load)
-        if dry_run:
-            for decision in _guard(ctx, lambda: _run(plan_build(options, nodes, drained))):
-                _print_decision(decision)
-            return
-        renderer = make_progress(progress)
-        try:
-            result = _guard(ctx, lambda: _run(run_build(options, nodes, renderer, drained)))
-        finally:
-            renderer.close()
+    async def read_and_build() -> BuildResult:
+        request = await read_request(options, context, dockerfile)
+        return await shared.run_build(request, where, renderer, lambda note: click.echo(note, err=True))
+
+    try:
+        result = _run(read_and_build())
+    finally:
+        renderer.close()
     _print_summary(result)
     if metadata_file is not None:
         metadata_file.write_text(json.dumps(result.metadata(), indent=2) + "\n")
-    if result.missing:
-        sys.exit(PARTIAL_EXIT)
+    return outcome_of(result)
+
+
+async def _plan(options: BuildOptions, where: Here | OnServer) -> list[Decision]:
+    """``farm build --dry-run``: where each platform would build now, and why."""
+    if isinstance(where, OnServer):
+        from farm.serve import remote_plan
+
+        return await remote_plan(where.server, options)
+    from farm.build import dry_run
+
+    return await dry_run(options, where.inventory, where.drained)
 
 
 # --- farm serve (farm/serve) ---------------------------------------------------------------------
@@ -324,9 +397,7 @@ def build(
     is_flag=True,
     help="Let builds ask for --network host: their RUN steps then reach whatever the nodes reach.",
 )
-@click.pass_context
 def serve(
-    ctx: click.Context,
     listen: str,
     inventory: Path | None,
     state_dir: Path,
@@ -370,7 +441,7 @@ def serve(
             reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
             raise InputError(f"bad farm serve options: {reason}") from exc
 
-    options = _guard(ctx, parse)
+    options = parse()
     # The server's own news, and only its libraries' warnings (httpx logs every request at INFO).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("farm").setLevel(logging.INFO)
@@ -382,7 +453,7 @@ def serve(
             loop.add_signal_handler(signum, stop.set)
         await serve(options, stop, lambda url: click.echo(f"farm serve: listening on {url}", err=True))
 
-    _guard(ctx, lambda: asyncio.run(main()))
+    asyncio.run(main())
 
 
 def _server_options(ctx: click.Context, url: str, token: str | None, state_dir: Path) -> ServerOptions:
@@ -415,14 +486,13 @@ def nodes() -> None:
 @_INVENTORY_OPTION
 @_STATE_OPTION
 @_JSON_OPTION
-@click.pass_context
-def nodes_ls(ctx: click.Context, inventory: Path | None, state_dir: Path, as_json: bool) -> None:
+def nodes_ls(inventory: Path | None, state_dir: Path, as_json: bool) -> None:
     """List the inventory's nodes as configured (no connection is made)."""
     from farm.drain import DrainState
     from farm.inventory import load_inventory
 
-    loaded = _guard(ctx, lambda: load_inventory(inventory))
-    drained = _guard(ctx, DrainState(state_dir).load)
+    loaded = load_inventory(inventory)
+    drained = DrainState(state_dir).load()
     rows: list[dict[str, object]] = [
         {
             "name": spec.name,
@@ -470,12 +540,12 @@ def nodes_check(
     from farm.inventory import load_inventory
     from farm.nodes import check_nodes
 
-    loaded = _guard(ctx, lambda: load_inventory(inventory))
+    loaded = load_inventory(inventory)
     unknown = sorted(set(names) - {spec.name for spec in loaded.nodes})
     if unknown:
-        _fail(InputError(f"no node named {', '.join(unknown)} in {loaded.source}"))
-    drained = _guard(ctx, DrainState(state_dir).load)
-    checked = _guard(ctx, lambda: _run(check_nodes(loaded, drained, names)))
+        raise InputError(f"no node named {', '.join(unknown)} in {loaded.source}")
+    drained = DrainState(state_dir).load()
+    checked = _run(check_nodes(loaded, drained, names))
     if as_json:
         click.echo(json.dumps([_node_report(node) for node in checked], indent=2))
     else:
@@ -502,7 +572,7 @@ def nodes_check(
                 if node.problem.hint:
                     click.echo(f"  hint: {node.problem.hint}", err=True)
     if any(node.problem is not None for node in checked):
-        sys.exit(1)
+        ctx.exit(1)  # each problem is said above
 
 
 @nodes.command("add")
@@ -529,9 +599,7 @@ def nodes_check(
     show_default="~/.config/farm/known_hosts",
     help="Where to pin the node's host key.",
 )
-@click.pass_context
 def nodes_add(
-    ctx: click.Context,
     name: str,
     host: str,
     port: int | None,
@@ -561,16 +629,16 @@ def nodes_add(
     }
     entry: dict[str, object] = {"name": name, "host": host}
     entry.update({key: value for key, value in given.items() if value is not None})
-    spec = _guard(ctx, lambda: NodeSpec.model_validate(entry))
-    host_key = _guard(ctx, lambda: _run(fetch_host_key(spec)))
+    spec = NodeSpec.model_validate(entry)
+    host_key = _run(fetch_host_key(spec))
     click.echo(f"{spec.host} presents {host_key.key.get_algorithm()} key {host_key.fingerprint}")
-    if _guard(ctx, lambda: pin_host_key(host_key, known_hosts)):
+    if pin_host_key(host_key, known_hosts):
         click.echo(f"pinned it in {known_hosts}")
     single = Inventory(nodes=(spec,), source=str(inventory))
-    checked = _guard(ctx, lambda: _run(check_nodes(single, frozenset(), ())))[0]
+    checked = _run(check_nodes(single, frozenset(), ()))[0]
     if checked.problem is not None:
-        _fail(checked.problem)
-    _guard(ctx, lambda: append_node(inventory, entry))
+        raise checked.problem
+    append_node(inventory, entry)
     assert checked.facts is not None
     click.echo(
         f"added {name} to {inventory}: {checked.facts.native_platform} natively, "
@@ -581,12 +649,11 @@ def nodes_add(
 @nodes.command("rm")
 @click.argument("name")
 @click.option("--inventory", type=click.Path(path_type=Path), envvar="FARM_INVENTORY", required=True)
-@click.pass_context
-def nodes_rm(ctx: click.Context, name: str, inventory: Path) -> None:
+def nodes_rm(name: str, inventory: Path) -> None:
     """Remove a node from the inventory file."""
     from farm.inventory import remove_node
 
-    _guard(ctx, lambda: remove_node(inventory, name))
+    remove_node(inventory, name)
     click.echo(f"removed {name} from {inventory}")
 
 
@@ -594,32 +661,28 @@ def nodes_rm(ctx: click.Context, name: str, inventory: Path) -> None:
 @click.argument("name")
 @_INVENTORY_OPTION
 @_STATE_OPTION
-@click.pass_context
-def nodes_drain(ctx: click.Context, name: str, inventory: Path | None, state_dir: Path) -> None:
+def nodes_drain(name: str, inventory: Path | None, state_dir: Path) -> None:
     """Give a node no new builds (what runs on it finishes)."""
-    _set_drained(ctx, name, inventory, state_dir, drained=True)
+    _set_drained(name, inventory, state_dir, drained=True)
 
 
 @nodes.command("undrain")
 @click.argument("name")
 @_INVENTORY_OPTION
 @_STATE_OPTION
-@click.pass_context
-def nodes_undrain(ctx: click.Context, name: str, inventory: Path | None, state_dir: Path) -> None:
+def nodes_undrain(name: str, inventory: Path | None, state_dir: Path) -> None:
     """Let a drained node take builds again."""
-    _set_drained(ctx, name, inventory, state_dir, drained=False)
+    _set_drained(name, inventory, state_dir, drained=False)
 
 
-def _set_drained(
-    ctx: click.Context, name: str, inventory: Path | None, state_dir: Path, drained: bool
-) -> None:
+def _set_drained(name: str, inventory: Path | None, state_dir: Path, drained: bool) -> None:
     from farm.drain import DrainState
     from farm.inventory import load_inventory
 
-    loaded = _guard(ctx, lambda: load_inventory(inventory))
+    loaded = load_inventory(inventory)
     if all(spec.name != name for spec in loaded.nodes):
-        _fail(InputError(f"no node named {name!r} in {loaded.source}", hint="see 'farm nodes ls'"))
-    changed = _guard(ctx, lambda: DrainState(state_dir).set(name, drained))
+        raise InputError(f"no node named {name!r} in {loaded.source}", hint="see 'farm nodes ls'")
+    changed = DrainState(state_dir).set(name, drained)
     state = "drained" if drained else "active"
     click.echo(f"{name} is {state}" + ("" if changed else " (it already was)"))
 
@@ -703,9 +766,7 @@ def imagetools() -> None:
 )
 @click.option("--annotation", "annotations", multiple=True, help="Index annotation KEY=VALUE (repeatable).")
 @click.option("--insecure-registry", "insecure", multiple=True, help="Talk plain HTTP to this HOST[:PORT].")
-@click.pass_context
 def imagetools_create(
-    ctx: click.Context,
     sources: tuple[str, ...],
     tags: tuple[str, ...],
     append: bool,
@@ -716,16 +777,13 @@ def imagetools_create(
     from farm.imagetools import create_index
     from farm.registry.name import parse_reference
 
-    parsed_tags = _guard(ctx, lambda: [parse_reference(tag) for tag in tags])
-    parsed_sources = _guard(ctx, lambda: [parse_reference(source) for source in sources])
-    pairs = _guard(ctx, lambda: _parse_pairs(annotations, "--annotation"))
-    index = _guard(
-        ctx,
-        lambda: _run(
-            create_index(
-                parsed_tags, parsed_sources, append=append, annotations=pairs, insecure_registries=insecure
-            )
-        ),
+    parsed_tags = [parse_reference(tag) for tag in tags]
+    parsed_sources = [parse_reference(source) for source in sources]
+    pairs = _parse_pairs(annotations, "--annotation")
+    index = _run(
+        create_index(
+            parsed_tags, parsed_sources, append=append, annotations=pairs, insecure_registries=insecure
+        )
     )
     for tag in parsed_tags:
         click.echo(f"pushed {tag}@{index.digest}")
@@ -736,16 +794,13 @@ def imagetools_create(
 @click.option("--raw", is_flag=True, help="Print the manifest's bytes as the registry stores them.")
 @_JSON_OPTION
 @click.option("--insecure-registry", "insecure", multiple=True, help="Talk plain HTTP to this HOST[:PORT].")
-@click.pass_context
-def imagetools_inspect(
-    ctx: click.Context, reference: str, raw: bool, as_json: bool, insecure: tuple[str, ...]
-) -> None:
+def imagetools_inspect(reference: str, raw: bool, as_json: bool, insecure: tuple[str, ...]) -> None:
     """Show what REFERENCE holds: platforms, digests, sizes and attestations."""
     from farm.imagetools import inspect
     from farm.registry.name import parse_reference
 
-    ref = _guard(ctx, lambda: parse_reference(reference))
-    seen = _guard(ctx, lambda: _run(inspect(ref, insecure)))
+    ref = parse_reference(reference)
+    seen = _run(inspect(ref, insecure))
     if raw:
         click.echo(seen.raw, nl=False)  # the exact bytes: their sha256 is the digest
         return
@@ -851,34 +906,26 @@ def _print_summary(result: BuildResult) -> None:
         click.echo(f"pushed {tag}@{result.index_digest}")
 
 
-def _guard(ctx: click.Context, call: Callable[[], T]) -> T:
-    """Run ``call``; turn a farm error into a message and its exit code, anything else into a bug."""
-    debug = bool(ctx.obj and ctx.obj.get("debug"))
-    try:
-        return call()
-    except* FarmError as group:
-        error = _first(group)
-        if debug:
-            traceback.print_exception(error)
-        _fail(error)
-    except* KeyboardInterrupt:
+def _report(error: BaseException, debug: bool) -> int:
+    """Say what ended the command, on stderr; return the exit code (see the module's doc)."""
+    bug = bug_in(error)
+    if bug is not None:
+        traceback.print_exception(error if debug else bug)
+        click.echo("farm: internal error (the traceback above is a bug; please report it)", err=True)
+        return EXIT_BUG
+    # No bug: each leaf is a FarmError or an interruption (KeyboardInterrupt, a cancelled task).
+    leaves = error_leaves(error)
+    failures = [leaf for leaf in leaves if isinstance(leaf, FarmError)]
+    if len(failures) < len(leaves):
         click.echo("farm: interrupted; remote builds were stopped and nothing was tagged", err=True)
-        sys.exit(130)
-    raise AssertionError("unreachable")
+        return EXIT_CANCELLED
+    if debug:
+        traceback.print_exception(error)
+    _explain(failures[0])
+    return failures[0].exit_code
 
 
-def _first(group: BaseExceptionGroup[FarmError]) -> FarmError:
-    leaves = [exc for exc in _leaves(group) if isinstance(exc, FarmError)]
-    return leaves[0]
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
-def _fail(error: FarmError) -> NoReturn:
+def _explain(error: FarmError) -> None:
     click.echo(f"error: {error.message}", err=True)
     if isinstance(error, BuildFailedError):
         for platform, failure in error.failures.items():
@@ -890,15 +937,8 @@ def _fail(error: FarmError) -> NoReturn:
                 click.echo(f"    hint: {failure.hint}", err=True)
     if error.hint:
         click.echo(f"hint: {error.hint}", err=True)
-    sys.exit(error.exit_code)
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=True)
-    except SystemExit:
-        raise
-    except Exception:
-        traceback.print_exc()
-        click.echo("farm: internal error (the traceback above is a bug; please report it)", err=True)
-        sys.exit(_BUG_EXIT)
+    """The ``farm`` executable: click parses, ``_FarmGroup.invoke`` decides the exit code."""
+    cli.main(prog_name="farm")

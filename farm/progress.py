@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-from farm.build import PlatformEvent
+from farm.api import LogLine, PlatformEvent, PlatformFailed
 from farm.platforms import Platform
 
 __all__ = ["PlainProgress", "TtyProgress", "make_progress"]
@@ -21,10 +21,11 @@ class PlainProgress:
 
     def __call__(self, event: PlatformEvent) -> None:
         prefix = f"[{event.platform} {event.node}]"
-        if event.state == "log":
-            text = f"{prefix} {event.detail}"
+        if isinstance(event, LogLine):
+            text = f"{prefix} {event.line}"
         else:
-            text = f"{prefix} {event.state}{': ' + event.detail if event.detail else ''}"
+            summary = event.summary
+            text = f"{prefix} {event.state}{': ' + summary if summary else ''}"
         print(text, file=self._stream, flush=True)
 
     def close(self) -> None:
@@ -45,16 +46,16 @@ class TtyProgress:
     def __call__(self, event: PlatformEvent) -> None:
         row = self._rows.setdefault(event.platform, ["queued", event.node, ""])
         self._started.setdefault(event.platform, time.monotonic())
-        if event.state == "log":
-            row[2] = event.detail
+        if isinstance(event, LogLine):
+            row[2] = event.line
         else:
             row[0], row[1] = event.state, event.node
             if event.state in ("done", "failed"):
                 self._ended[event.platform] = time.monotonic()
-                if event.state == "failed":
-                    row[2] = event.detail
+            if isinstance(event, PlatformFailed):
+                row[2] = event.error
         now = time.monotonic()
-        if event.state != "log" or now - self._last_draw > 0.1:
+        if not isinstance(event, LogLine) or now - self._last_draw > 0.1:
             self._draw(now)
 
     def close(self) -> None:

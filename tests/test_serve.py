@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from farm.build import BuildOptions
+from farm.api import BuildOptions
 from farm.platforms import parse_platform
 from tests import lab
+from tests.lab import processes_running
 from tests.servelab import Server, build_id, serving_local_node, small_context, start_server
-from tests.test_cancel import processes_running
 
 pytestmark = pytest.mark.lab
 
@@ -274,6 +274,44 @@ def test_ctrl_c_cancels_the_build_on_the_server(
     assert registry.tags("serve/cancel") == []
 
 
+def test_a_build_cancelled_by_another_client_exits_130_there_and_in_the_history(
+    tmp_path: Path, server: Server, registry: lab.Registry
+) -> None:
+    marker = f"farm-serve-cancelled-{uuid.uuid4().hex[:8]}"
+    context = tmp_path / "slow"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        f"FROM {registry.host}/library/busybox\nRUN echo started-{marker}; sleep 3600\n"
+    )
+    client = subprocess.Popen(
+        [
+            sys.executable, "-m", "farm", "build", "-t", f"{registry.host}/serve/cancelled:1",
+            "--platform", "linux/amd64", "--progress", "plain", str(context),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **server.env()},
+    )  # fmt: skip
+    assert client.stdout is not None
+    output = []
+    try:
+        for line in client.stdout:
+            output.append(line)
+            if line.rstrip().endswith(f"] started-{marker}"):
+                break
+        build = build_id("".join(output))
+        assert server.delete(f"/api/builds/{build}?by=bob").json()["exit_code"] == 130
+        rest, _ = client.communicate(timeout=120)
+        output.append(rest)
+    finally:
+        client.kill()
+        client.wait()
+    assert client.returncode == 130, "".join(output)
+    assert f"error: build {build} was cancelled by bob" in "".join(output)
+    status = server.get(f"/api/builds/{build}").json()
+    assert (status["state"], status["exit_code"]) == ("cancelled", 130)
+    lab.wait_until(lambda: not processes_running(marker), "the builder to be killed", seconds=30)
+    assert registry.tags("serve/cancelled") == []
+
+
 def test_the_queue_is_fair_between_submitters(
     tmp_path: Path, registry: lab.Registry, node_workdir: Path
 ) -> None:
@@ -309,10 +347,9 @@ def test_the_queue_is_fair_between_submitters(
 
         def submit(submitter: str, n: int) -> str:
             options = BuildOptions(
-                context=context,
                 tags=(f"{registry.host}/serve/fair:{n}",),
                 platforms=(parse_platform("linux/amd64"),),
-            ).model_dump(mode="json", exclude={"context", "dockerfile"})
+            ).model_dump(mode="json")
             reply = httpx.post(
                 server.url + "/api/builds",
                 headers={"Authorization": f"Bearer {server.token}"},

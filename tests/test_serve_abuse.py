@@ -24,7 +24,8 @@ import httpx
 import pytest
 
 from agent import protocol
-from farm.build import BuildOptions, _History
+from farm.api import BuildOptions
+from farm.build import _History
 from farm.platforms import parse_platform
 from farm.serve.history import History
 from tests import lab
@@ -351,10 +352,9 @@ def test_a_48_mib_body_costs_a_small_multiple_of_itself_and_a_running_build_goes
             # waits behind the running one: --max-builds 1).
             [running] = server.get("/api/builds").json()["builds"]
             options = BuildOptions(
-                context=context,
                 tags=(f"{registry.host}/abuse/spelled:1",),
                 platforms=(parse_platform("linux/arm64"),),
-            ).model_dump(mode="json", exclude={"context", "dockerfile"})
+            ).model_dump(mode="json")
             options["platforms"] = ["linux/arm64/v8", {"os": "linux", "architecture": "aarch64"}, "arm64"]
             queued = call(
                 server, "POST", "/api/builds", submitter="abuse", context=running["context"], options=options,
@@ -548,7 +548,7 @@ def test_a_loose_state_folder_is_made_private_at_start(tmp_path: Path, node_work
         for name in ("history.sqlite3", "history.sqlite3-wal", "history.sqlite3-shm", "serve.lock", "token"):
             assert mode(state / name) == 0o600, name
         assert mode(state / "drained.json") == 0o600
-        for name in ("store", "store/cas", "store/contexts", "layouts", "work"):
+        for name in ("store", "store/cas", "store/contexts"):
             assert mode(state / name) == 0o700, name
     finally:
         stop_with_sigterm(server)

@@ -1,9 +1,10 @@
 """``farm build --server``: the client of ``farm serve`` (httpx), as close to a local build as it gets.
 
-    scan the context (as a local build does) ─► POST /api/contexts/sync: the manifest
+    a BuildRequest (its context scanned as for a local build) ─► POST /api/contexts/sync: the manifest
         ─► POST /api/contexts/{digest}/blobs: only the blobs the server lacks
         ─► POST /api/builds ─► GET /api/builds/{id}/events: every PlatformEvent to the renderer,
-           then the BuildResult (or the error, raised as the class a local build raises)
+           then the BuildResult (or the error, raised as the class a local build raises: a build
+           another client cancelled raises ``BuildCancelledError``, as Ctrl-C here ends as cancelled)
     Ctrl-C or SIGTERM ─► DELETE /api/builds/{id}: the server stops the build on every node.
 
 httpx errors are translated here, at the edge, into ``ServerError``s.
@@ -21,8 +22,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from farm.build import BuildOptions, BuildResult, PlatformEvent, parse_tags, read_dockerfile
-from farm.context import Context, StatCache, scan_context
+from farm.api import BuildOptions, BuildRequest, BuildResult, EventSink
+from farm.context import Context
 from farm.errors import FarmError, ServerError
 from farm.scheduler import Decision
 from farm.serve.wire import decision_from_json, error_from_json, event_from_json, result_from_json
@@ -115,9 +116,7 @@ class ServerClient:
             limits=httpx.Timeout(150.0, connect=10.0),
         )
 
-    async def follow(
-        self, build_id: str, on_event: Callable[[PlatformEvent], None], on_note: Callable[[str], None]
-    ) -> BuildResult:
+    async def follow(self, build_id: str, on_event: EventSink, on_note: Callable[[str], None]) -> BuildResult:
         """Follow the build's event stream to its end, reconnecting if the connection breaks."""
         after = 0
         waits = iter(_RECONNECTS)
@@ -130,7 +129,9 @@ class ServerClient:
                         waits = iter(_RECONNECTS)  # it answered: a later break starts the backoff afresh
                         kind = message.get("type")
                         if kind == "event":
-                            on_event(event_from_json(message))
+                            event = event_from_json(message)
+                            if event is not None:
+                                on_event(event)
                         elif kind == "queued":
                             position = int(message.get("position", 0))
                             ahead = f"{position} build(s) ahead of it" if position else "next in line"
@@ -242,8 +243,7 @@ def _error(response: httpx.Response) -> FarmError:
 
 
 def _options_json(options: BuildOptions) -> dict[str, Any]:
-    """The options as the server takes them: the context and Dockerfile travel on their own."""
-    return options.model_dump(mode="json", exclude={"context", "dockerfile"})
+    return options.model_dump(mode="json")
 
 
 async def _frames(context: Context, digests: list[str]) -> AsyncIterator[bytes]:
@@ -261,15 +261,10 @@ async def _frames(context: Context, digests: list[str]) -> AsyncIterator[bytes]:
 
 
 async def remote_build(
-    server: ServerOptions,
-    options: BuildOptions,
-    on_event: Callable[[PlatformEvent], None],
-    on_note: Callable[[str], None],
+    server: ServerOptions, request: BuildRequest, on_event: EventSink, on_note: Callable[[str], None]
 ) -> BuildResult:
-    """Run ``options`` on the server; stream its events to ``on_event``; cancel it if cancelled."""
-    parse_tags(options.tags)
-    context = await asyncio.to_thread(scan_context, options.context, StatCache.for_context(options.context))
-    dockerfile = read_dockerfile(options)
+    """Run ``request`` on the server; stream its events to ``on_event``; cancel it if cancelled."""
+    context = request.context
     async with ServerClient(server) as client:
         for attempt in range(_SUBMIT_TRIES):
             blobs, size = await client.sync_context(context)
@@ -280,7 +275,7 @@ async def remote_build(
                 else f"context {context.digest[:19]}: sent {blobs} files, {size} bytes"
             )
             try:
-                submitted = await client.submit(options, context.digest, dockerfile)
+                submitted = await client.submit(request.options, context.digest, request.dockerfile)
                 break
             except ServerError as exc:
                 if exc.status != 409 or attempt == _SUBMIT_TRIES - 1:
@@ -299,6 +294,5 @@ async def remote_build(
 
 async def remote_plan(server: ServerOptions, options: BuildOptions) -> list[Decision]:
     """``farm build --dry-run --server``: where the server would build each platform now."""
-    parse_tags(options.tags)
     async with ServerClient(server) as client:
         return await client.plan(options)

@@ -1,4 +1,4 @@
-"""Contexts on the server: received incrementally from clients, laid out as folders for builds.
+"""Contexts on the server: received incrementally from clients, built from where they are kept.
 
 The protocol is the agent's (``farm.session.AgentSession.sync``) over HTTP:
 
@@ -16,6 +16,10 @@ malformed entry and costs no more memory than itself; at most ``MAX_ENTRIES`` en
 most ``MAX_PATH`` bytes (``MAX_NAME`` per component), sizes from 0 to the store's limit. Blobs
 count against that limit as they arrive, with or without a build: the least recently used ones
 not needed by a queued, running or arriving context make room, else the upload is refused.
+
+A build takes its context as ``farm.context.Context`` (``ContextStore.context``): the manifest as
+the client sent it, each blob read from the store where it lies. Nothing is copied or laid out on
+the server; the nodes lay it out, as for a local build.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +37,9 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import protocol
-from agent.protocol import Entry
+from agent.protocol import Entry, canonical_manifest
 from agent.store import MANIFEST_MAX_AGE, ContentStore, UnsafeEntryError, check_entries
+from farm.context import Context
 from farm.errors import InputError, ServerError
 
 __all__ = [
@@ -67,7 +71,7 @@ class ByteStream(Protocol):
 
 
 class ContextStore:
-    """The server's contexts: manifests and blobs in a ``ContentStore``, layouts for builds.
+    """The server's contexts: manifests and blobs in a ``ContentStore``.
 
     ``store_limit`` bounds the blobs kept (bytes); ``needed`` names the contexts that queued and
     running builds need, whose blobs are never evicted.
@@ -76,23 +80,17 @@ class ContextStore:
     def __init__(
         self,
         store: ContentStore,
-        layouts: Path,
-        keep_layouts: int = 16,
         store_limit: int = 10 * 1024**3,
         needed: Callable[[], set[str]] = set,
         read_timeout: float = 60.0,
     ) -> None:
         self.store = store
         self.store_limit = store_limit
-        self._layouts = layouts
         self._incoming = Path(store.root) / "incoming"
         self._blobs = Path(store.root) / "cas" / "sha256"  # ``ContentStore``'s layout
-        self._keep_layouts = keep_layouts
         self._needed = needed
         self._read_timeout = read_timeout
         self._in_use: dict[str, int] = {}
-        self._laying_out: dict[str, asyncio.Lock] = {}
-        self._tidied = False
         self._stored: int | None = None  # bytes of blobs in the store; None: to be measured
         self._making_room = asyncio.Lock()
 
@@ -200,7 +198,6 @@ class ContextStore:
         self._in_use[digest] -= 1
         if not self._in_use[digest]:
             del self._in_use[digest]
-            self._laying_out.pop(digest, None)
 
     async def _receive_blob(self, digest: str, size: int, stream: ByteStream) -> None:
         target = self.store.blob_path(digest)
@@ -236,50 +233,25 @@ class ContextStore:
                 partial.unlink()
 
     @contextlib.asynccontextmanager
-    async def laid_out(self, digest: str) -> AsyncIterator[Path]:
-        """The context as a folder (shared by the builds of one context), kept while in use."""
-        folder = self._layouts / check_digest(digest).replace(":", "-")
-        # In use from now on, before any await: ``prune`` never takes a folder a build is about to use.
+    async def context(self, digest: str) -> AsyncIterator[Context]:
+        """The context as a build takes it, its blobs read where the store keeps them; none of them
+        is evicted while the block runs."""
+        # In use from now on, before any await: ``prune`` never evicts what a build is about to read.
         self._in_use[digest] = self._in_use.get(digest, 0) + 1
         try:
-            async with self._laying_out.setdefault(digest, asyncio.Lock()):
-                if not folder.is_dir():
-                    entries = self.manifest(digest)
-                    partial = self._layouts / f".partial-{uuid.uuid4().hex}"
-                    try:
-                        await asyncio.to_thread(self.store.lay_out, entries, str(partial))
-                        os.rename(partial, folder)
-                    finally:
-                        if partial.exists():
-                            await asyncio.to_thread(_remove, partial)
-                os.utime(folder)
-            yield folder
+            entries = await asyncio.to_thread(self.manifest, digest)
+            blobs = {entry[3]: self.store.blob_path(entry[3]) for entry in entries if entry[3]}
+            yield Context(
+                root=Path(self.store.root),
+                entries=tuple(entries),
+                blobs=blobs,
+                manifest=canonical_manifest(entries),
+            )
         finally:
             self._release(digest)
 
     async def prune(self, keep_contexts: set[str], store_limit: int) -> None:
-        """Remove layouts beyond the newest few and shrink the store, keeping contexts in use.
-
-        A layout is renamed out of the way (at once, on the event loop) before it is removed in a
-        worker thread, so a build starting meanwhile lays its context out afresh.
-        """
-        folders = sorted(
-            (p for p in self._layouts.iterdir() if not p.name.startswith(".")),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        doomed = [p for p in self._layouts.iterdir() if p.name.startswith((".partial-", ".trash-"))]
-        if self._tidied:
-            doomed = []  # those of a crashed run only; later ones belong to layouts under way
-        self._tidied = True
-        busy = {d.replace(":", "-") for d in keep_contexts | set(self._in_use)}
-        for folder in folders[self._keep_layouts :]:
-            if folder.name not in busy:
-                trash = self._layouts / f".trash-{uuid.uuid4().hex}"
-                os.rename(folder, trash)
-                doomed.append(trash)
-        for path in doomed:
-            await asyncio.to_thread(_remove, path)
+        """Shrink the store to ``store_limit``, keeping the contexts in use or in ``keep_contexts``."""
         keep_blobs: list[str] = []
         for digest in keep_contexts | set(self._in_use):
             with contextlib.suppress(InputError):
@@ -461,14 +433,3 @@ def _frame_header(line: bytes) -> tuple[str, int]:
 
 def _blob_sizes(entries: list[Entry]) -> dict[str, int]:
     return {entry[3]: entry[2] for entry in entries if entry[3]}
-
-
-def _remove(path: Path) -> None:
-    """Remove a laid-out context, read-only folders included (links are never followed)."""
-    path.chmod(0o700)
-    for folder, children, _ in os.walk(path):
-        for child in children:
-            inner = os.path.join(folder, child)
-            if not os.path.islink(inner):
-                os.chmod(inner, 0o700)
-    shutil.rmtree(path)

@@ -1,13 +1,16 @@
 """The server's coordinator: one queue for every client, the builds it runs, the nodes it watches.
 
     submit ─► history row (queued) ─► FairQueue ─► dispatcher: at most ``max_builds`` at once
-          ─► context laid out from the store ─► farm.build.run_build ─► history row (ended)
+          ─► BuildRequest (the context as the store holds it) ─► farm.build.run_build
+          ─► its outcome (pushed, partial, failed, cancelled) ─► history row (ended), last stream line
                                  │ each PlatformEvent
                                  └─► the build's event stream, the node's heartbeat, metrics
 
 Every task is owned by the coordinator's TaskGroup: the dispatcher, the prober and each running
 build. A build's failure, whatever it is, ends that build only (``_run_job`` is the one place that
 records it); stopping the server stops every build on every node, as Ctrl-C does for a local build.
+How a build ended is one ``farm.api.Outcome``: its exit code is the one the history keeps and the
+one every client following the build exits with.
 
 Node slots are held by the agents on the nodes (``agent.slots``), so builds of this server, of
 other servers and of plain ``farm build`` runs share them fairly; ``max_builds`` bounds how many
@@ -30,23 +33,53 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from farm.build import BuildOptions, BuildResult, PlatformEvent, run_build
+from farm.api import (
+    Assigned,
+    Building,
+    BuildOptions,
+    BuildRequest,
+    BuildResult,
+    Cancelled,
+    Failed,
+    LogLine,
+    Outcome,
+    Partial,
+    PlatformEvent,
+    PlatformFailed,
+    Pushed,
+    Retrying,
+    Reused,
+    Syncing,
+    Verifying,
+    Waiting,
+    outcome_of,
+)
 from farm.build import dry_run as plan_build
-from farm.errors import BuildFailedError, FarmError, InputError, NodeError, ServerBugError, ServerError
+from farm.build import run_build
+from farm.errors import (
+    BuildCancelledError,
+    BuildFailedError,
+    FarmError,
+    InputError,
+    NodeError,
+    ServerBugError,
+    ServerError,
+    bug_in,
+    error_leaves,
+)
 from farm.health import NodeHealth
 from farm.inventory import Inventory, NodeSpec
 from farm.metrics import FarmSnapshot, Metrics, NodeSnapshot
 from farm.nodefacts import NodeFacts
 from farm.nodes import Node, probe
 from farm.platforms import KNOWN_PLATFORMS, Platform, parse_platform
-from farm.registry.name import parse_reference
 from farm.scheduler import Decision
 from farm.serve.contexts import ContextStore, check_digest
 from farm.serve.history import INTERRUPTED_QUEUED, INTERRUPTED_RUNNING, BuildRow, PlatformRow
 from farm.serve.queue import FairQueue
 from farm.serve.registries import RegistryPolicy
 from farm.serve.state import StateFolder
-from farm.serve.wire import error_to_json, event_to_json, result_to_json
+from farm.serve.wire import event_to_json, result_to_json
 from farm.transport import LocalTransport, Transport
 
 __all__ = ["Coordinator", "CoordinatorOptions", "Job"]
@@ -65,7 +98,6 @@ class CoordinatorOptions(BaseModel):
 
     max_builds: int | None = Field(default=None, ge=1, description="None: the inventory's slots in all")
     probe_interval: float = Field(default=15.0, gt=0, description="seconds between node probes")
-    keep_layouts: int = Field(default=16, ge=0, description="contexts kept laid out as folders")
     store_limit: int = Field(default=10 * 1024**3, ge=0, description="bytes of context blobs kept")
     allow_host_network: bool = Field(
         default=False, description="may builds ask for --network host (RUN steps on the node's own network)"
@@ -194,9 +226,7 @@ class Coordinator:
         self.registries = registries
         self.history = state.history
         self.metrics = Metrics(version, self.snapshot)
-        self.contexts = ContextStore(
-            state.store, state.layouts, options.keep_layouts, options.store_limit, needed=self._needed
-        )
+        self.contexts = ContextStore(state.store, options.store_limit, needed=self._needed)
         self.queue = FairQueue()
         self.jobs: dict[str, Job] = {}
         self.nodes = {spec.name: NodeStatus(spec, NodeHealth(spec.name)) for spec in inventory.nodes}
@@ -230,7 +260,7 @@ class Coordinator:
         for loop in loops:
             loop.cancel()
         while (build_id := self.queue.pop()) is not None:
-            self._end(self.jobs[build_id], *self._stopped(self.jobs[build_id], before_it_ran=True))
+            self._end(self.jobs[build_id], self._stopped(self.jobs[build_id], before_it_ran=True))
         for job in self.jobs.values():
             if job.task is not None and not job.task.done():
                 job.task.cancel()
@@ -277,7 +307,7 @@ class Coordinator:
         if self._stopping:
             raise ServerError("the server is stopping", status=503, hint="submit again once it is back")
         # Kept and run as checked: platforms normalised, defaults filled in.
-        options = checked.model_dump(mode="json", exclude={"context", "dockerfile"})
+        options = checked.model_dump(mode="json")
         if not self.contexts.has_context(context):
             raise ServerError(
                 f"the server lacks part of context {context}", status=409, hint="sync the context again"
@@ -317,7 +347,7 @@ class Coordinator:
 
     def _check_options(self, options: dict[str, Any]) -> BuildOptions:
         """The options as ``run_build`` will get them, refused now if they cannot be."""
-        document = options | {"context": ".", "dockerfile": None}
+        document = dict(options)
         if "platforms" in options:
             document["platforms"] = _normalized_platforms(options["platforms"])
         try:
@@ -328,11 +358,6 @@ class Coordinator:
             raise InputError(f"bad build options: {where}: {problem['msg']}") from None
         except (TypeError, ValueError) as exc:
             raise InputError(f"bad build options: {exc}") from exc
-        for tag in checked.tags:
-            if parse_reference(tag).digest:
-                raise InputError(
-                    f"tag {tag} names a digest", hint="tag with NAME:TAG; farm computes the digest"
-                )
         self.registries.check_options(checked.tags, checked.insecure_registries)
         if checked.network == "host" and not self.options.allow_host_network:
             raise InputError(
@@ -359,7 +384,7 @@ class Coordinator:
             return row.to_json()
         job.cancelled_by = by
         if self.queue.remove(build_id):
-            self._end(job, *self._stopped(job, before_it_ran=True))
+            self._end(job, self._stopped(job, before_it_ran=True))
             self._announce_positions()
         elif job.task is not None and not job.task.done():
             job.task.cancel()
@@ -377,12 +402,12 @@ class Coordinator:
         try:
             result = await self._build(job)
         except asyncio.CancelledError:
-            self._end(job, *self._stopped(job, before_it_ran=False))
+            self._end(job, self._stopped(job, before_it_ran=False))
             raise
         except Exception as exc:  # the one place where a build's end, bug or not, is recorded
-            self._end(job, "failed", self._as_farm_error(job, exc))
+            self._end(job, outcome_of(self._as_farm_error(job, exc)))
         else:
-            self._end(job, "partial" if result.missing else "succeeded", result=result)
+            self._end(job, outcome_of(result))
 
     def _reap(self, job: Job, _: object = None) -> None:
         """A build's task is done: free its place; end it if it was cancelled before it began."""
@@ -390,62 +415,51 @@ class Coordinator:
         self._prune_due = True
         self._wake.set()
         if not job.done.is_set():
-            self._end(job, *self._stopped(job, before_it_ran=True))
+            self._end(job, self._stopped(job, before_it_ran=True))
 
-    def _stopped(self, job: Job, before_it_ran: bool) -> tuple[str, ServerError]:
-        """How a build stopped by a client or by the server's own stop ends: state and reason."""
+    def _stopped(self, job: Job, before_it_ran: bool) -> Failed | Cancelled:
+        """How a build stopped by a client or by the server's own stop ends."""
         if self._stopping:
-            return "failed", ServerError(INTERRUPTED_QUEUED if before_it_ran else INTERRUPTED_RUNNING)
+            return Failed(ServerError(INTERRUPTED_QUEUED if before_it_ran else INTERRUPTED_RUNNING))
         message = f"build {job.id} was cancelled by {job.cancelled_by or 'a client'}"
-        return "cancelled", ServerError(message + (" before it ran" if before_it_ran else ""))
+        return Cancelled(BuildCancelledError(message + (" before it ran" if before_it_ran else "")))
 
     async def _build(self, job: Job) -> BuildResult:
-        async with self.contexts.laid_out(job.context) as folder:
-            dockerfile = self.state.work / f"{job.id}.Dockerfile"
-            dockerfile.write_text(job.dockerfile, encoding="utf-8")
-            try:
-                options = BuildOptions.model_validate(
-                    job.options | {"context": str(folder), "dockerfile": str(dockerfile)}
-                )
-                drained = self.state.drain.load()
-                return await run_build(options, self.inventory, lambda e: self._on_event(job, e), drained)
-            finally:
-                dockerfile.unlink(missing_ok=True)
+        async with self.contexts.context(job.context) as context:
+            request = BuildRequest(BuildOptions.model_validate(job.options), context, job.dockerfile)
+            drained = self.state.drain.load()
+            return await run_build(request, self.inventory, lambda e: self._on_event(job, e), drained)
 
     @staticmethod
     def _as_farm_error(job: Job, exc: Exception) -> FarmError:
-        leaves = _leaves(exc)
-        errors = [leaf for leaf in leaves if isinstance(leaf, FarmError)]
-        if errors and len(errors) == len(leaves):
-            return errors[0]
+        """The error a build ended with; a bug anywhere in it (a group's other errors aside) is a
+        ``ServerBugError``, as a bug ends a local ``farm build`` with exit 70."""
+        bug = bug_in(exc)
+        failures = [leaf for leaf in error_leaves(exc) if isinstance(leaf, FarmError)]
+        if bug is None and failures:
+            return failures[0]
+        bug = bug or exc
         log.error("build %s hit a bug in farm:\n%s", job.id, "".join(traceback.format_exception(exc)))
         return ServerBugError(
-            f"internal error in farm serve while running build {job.id}: {type(exc).__name__}: {exc}",
+            f"internal error in farm serve while running build {job.id}: {type(bug).__name__}: {bug}",
             hint="the server's log has the traceback; this is a bug, please report it",
         )
 
-    def _end(
-        self, job: Job, state: str, error: FarmError | None = None, result: BuildResult | None = None
-    ) -> None:
+    def _end(self, job: Job, outcome: Outcome) -> None:
         """Record how a build ended: memory, metrics, history, and the last line of its stream."""
-        job.state = state
+        result = outcome.result if isinstance(outcome, Pushed | Partial) else None
+        error = outcome.error if isinstance(outcome, Failed | Cancelled) else None
+        state = job.state = outcome.state
         job.ended_at = time.time()
         job.error, job.result = error, result
-        if state == "succeeded":
-            job.exit_code = 0
-        elif state == "partial":
-            job.exit_code = 3
-        elif state == "cancelled":
-            job.exit_code = 130
-        else:
-            job.exit_code = error.exit_code if error else 1
+        job.exit_code = outcome.exit_code
         rows = self._close_platforms(job, state, error, result)
         self.metrics.build_finished(
             {"succeeded": "success", "partial": "partial", "cancelled": "cancelled"}.get(state, "failure")
         )
         if result is not None:
             self.metrics.index_pushed(True)
-        elif job.started_at is not None and _index_push_failed(job, error):
+        elif isinstance(outcome, Failed) and job.started_at is not None and _index_push_failed(job, error):
             self.metrics.index_pushed(False)
         self.history.finish(
             job.id,
@@ -453,14 +467,14 @@ class Coordinator:
             ended_at=job.ended_at,
             platforms=rows,
             exit_code=job.exit_code,
-            error=error_to_json(error) if error else None,
+            error=error.to_json() if error else None,
             result=result_to_json(result) if result else None,
         )
         if result is not None:
             job.emit({"type": "result", "result": result_to_json(result)})
         else:
             assert error is not None
-            job.emit({"type": "error", "error": error_to_json(error)})
+            job.emit({"type": "error", "error": error.to_json()})
         job.done.set()
         log.info("build %s %s%s", job.id, state, f": {error.message}" if error else "")
         self._finished.append(job.id)
@@ -518,44 +532,43 @@ class Coordinator:
         name = str(event.platform)
         live = job.platforms.setdefault(name, LivePlatform(name))
         node = event.node if event.node in self.nodes else None
-        state = event.state
-        if state == "log":
+        if isinstance(event, LogLine):
             job.log_lines += 1
             if job.log_lines > _MAX_LOG_LINES:
                 if job.log_lines == _MAX_LOG_LINES + 1:
                     note = f"(farm serve keeps {_MAX_LOG_LINES} log lines per build; the rest is dropped)"
-                    dropped = PlatformEvent(event.platform, event.node, "log", note)
-                    job.emit({"type": "event", **event_to_json(dropped)})
+                    job.emit({"type": "event", **event_to_json(LogLine(event.platform, event.node, note))})
                 return
-        if node is not None and state not in ("done", "waiting"):
+        else:
+            live.state = event.state
+        if node is not None and not isinstance(event, Reused | Waiting):
             self._heard_from(node)
-        if state != "log":
-            live.state = state
-        if state == "assigned":
-            live.node, live.holding, live.mode, live.seconds = node, node, None, None
-        elif state == "syncing" and event.synced is not None:
-            self.metrics.context_synced(event.synced.sent_bytes, event.synced.skipped_bytes)
-        elif state == "building" and event.detail in ("native", "emulated"):
-            live.node, live.mode, live.started = event.node, event.detail, time.monotonic()
-            if not live.attempt_open:
-                live.attempt_open = True
-                self.metrics.platform_started(name, event.detail)
-            self.history.platform_started(job.id, name, event.node, event.detail)
-            if event.detail == "emulated":
-                self.metrics.emulation_fallback(name, self._fallback_reason(name))
-        elif state == "verifying":
-            live.holding = None
-            if live.started is not None:
-                live.seconds = time.monotonic() - live.started
-        elif state in ("failed", "retrying"):
-            live.holding = None
-            if live.attempt_open:
-                self.metrics.platform_finished(name, live.mode or "native", "failure")
-                live.attempt_open = False
-            if state == "retrying" and node is not None:
-                self._apply(node, "build_failed_node_fault")
-        elif state == "done":
-            live.node, live.holding = event.node, None
+        match event:
+            case Assigned():
+                live.node, live.holding, live.mode, live.seconds = node, node, None, None
+            case Syncing(sent=sent) if sent is not None:
+                self.metrics.context_synced(sent.sent_bytes, sent.skipped_bytes)
+            case Building(mode=mode):
+                live.node, live.mode, live.started = event.node, mode, time.monotonic()
+                if not live.attempt_open:
+                    live.attempt_open = True
+                    self.metrics.platform_started(name, mode)
+                self.history.platform_started(job.id, name, event.node, mode)
+                if mode == "emulated":
+                    self.metrics.emulation_fallback(name, self._fallback_reason(name))
+            case Verifying():
+                live.holding = None
+                if live.started is not None:
+                    live.seconds = time.monotonic() - live.started
+            case PlatformFailed() | Retrying():
+                live.holding = None
+                if live.attempt_open:
+                    self.metrics.platform_finished(name, live.mode or "native", "failure")
+                    live.attempt_open = False
+                if isinstance(event, Retrying) and node is not None:
+                    self._apply(node, "build_failed_node_fault")
+            case Reused():
+                live.node, live.holding = event.node, None
         job.emit({"type": "event", **event_to_json(event)})
 
     def _fallback_reason(self, platform: str) -> str:
@@ -609,7 +622,7 @@ class Coordinator:
             if row.result is not None:
                 yield {"type": "result", "result": row.result, "seq": 0}
             else:
-                error = row.error_json or error_to_json(ServerError(row.error or f"the build {row.state}"))
+                error = row.error_json or ServerError(row.error or f"the build {row.state}").to_json()
                 yield {"type": "error", "error": error, "seq": 0}
             return
         index = max(0, after)
@@ -823,9 +836,3 @@ def _index_push_failed(job: Job, error: FarmError | None) -> bool:
         return False
     states = {name: job.platforms.get(name, LivePlatform(name)).state for name in job.platform_names}
     return all(state in ("verifying", "done") for state in states.values())
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.errors import InputError
+from farm.errors import InputError, ServerError
 
 __all__ = ["INTERRUPTED_QUEUED", "INTERRUPTED_RUNNING", "BuildRow", "History", "PlatformRow"]
 
@@ -170,12 +170,12 @@ class History:
                 if not ids:
                     continue
                 interrupted += ids
-                error = {"class": "ServerError", "message": reason, "hint": None, "exit_code": 1}
+                error = ServerError(reason)  # as a server stopping now ends them (``Coordinator._stopped``)
                 chosen = json.dumps(ids)
                 self._db.execute(
                     "UPDATE builds SET state = 'failed', ended_at = ?, error = ?, error_json = ?,"
-                    " exit_code = 1 WHERE id IN (SELECT value FROM json_each(?))",
-                    (now, reason, json.dumps(error), chosen),
+                    " exit_code = ? WHERE id IN (SELECT value FROM json_each(?))",
+                    (now, reason, json.dumps(error.to_json()), error.exit_code, chosen),
                 )
                 self._db.execute(
                     "UPDATE platforms SET result = 'failure', error = ?"

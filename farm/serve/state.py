@@ -4,9 +4,8 @@
     STATE/serve.lock        held while a server runs: two servers never share one folder
     STATE/history.sqlite3   every build and platform (``history.History``)
     STATE/drained.json      drained nodes, shared with ``farm nodes drain`` (``farm.drain.DrainState``)
-    STATE/store/            contexts received from clients (``agent.store.ContentStore``)
-    STATE/layouts/          contexts laid out as folders for ``run_build``
-    STATE/work/             one folder per running build (its Dockerfile)
+    STATE/store/            contexts received from clients (``agent.store.ContentStore``); builds
+                            read them there (``farm.serve.contexts.ContextStore.context``)
 
 Everything that can make the folder unusable is found here, at start, and said plainly. At every
 start the folder and what it holds are made private to this user (folders 0700, files without
@@ -20,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -43,8 +43,6 @@ class StateFolder:
     history: History
     store: ContentStore
     drain: DrainState
-    layouts: Path
-    work: Path
     token_file: Path | None  # None: the token was given
     _lock: IO[bytes]
 
@@ -72,10 +70,8 @@ def open_state(root: Path, token: str | None = None) -> StateFolder:
         token = _check_token(token) if token is not None else _load_or_create_token(root / "token")
         try:
             store = ContentStore(str(root / "store"))
-            layouts = root / "layouts"
-            work = root / "work"
-            for folder in (layouts, work, root / "store" / "incoming"):
-                folder.mkdir(mode=0o700, exist_ok=True)
+            (root / "store" / "incoming").mkdir(mode=0o700, exist_ok=True)
+            _remove_leftovers(root)
         except OSError as exc:
             raise InputError(f"the state folder {root} is unusable: {_reason(exc)}", hint=hint) from exc
         history = History.open(root / "history.sqlite3")
@@ -90,13 +86,31 @@ def open_state(root: Path, token: str | None = None) -> StateFolder:
         lock.close()
         raise
     token_file = None if given else root / "token"
-    return StateFolder(root, token, history, store, DrainState(root), layouts, work, token_file, lock)
+    return StateFolder(root, token, history, store, DrainState(root), token_file, lock)
 
 
-# What the folder holds, below it: each is made private at start. Blobs and laid-out contexts are
-# not walked (there may be a million): no other user can reach them through a private folder.
-_FOLDERS = ("store", "store/cas", "store/cas/sha256", "store/contexts", "store/leases", "store/incoming",
-            "layouts", "work")  # fmt: skip
+# What the folder holds, below it: each is made private at start. Blobs are not walked (there may
+# be a million): no other user can reach them through a private folder.
+_FOLDERS = ("store", "store/cas", "store/cas/sha256", "store/contexts", "store/leases", "store/incoming")
+# What an older farm serve kept and nothing reads any more: contexts laid out as folders (copies of
+# the store's) and the Dockerfiles of running builds.
+_LEFTOVERS = ("layouts", "work")
+
+
+def _remove_leftovers(root: Path) -> None:
+    for name in _LEFTOVERS:
+        folder = root / name
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        # Laid-out contexts kept their modes: read-only folders are opened up before they are emptied
+        # (top-down, each before the walk enters it; links are never followed).
+        folder.chmod(0o700)
+        for parent, children, _ in os.walk(folder):
+            for child in children:
+                inner = os.path.join(parent, child)
+                if not os.path.islink(inner):
+                    os.chmod(inner, 0o700)
+        shutil.rmtree(folder)
 
 
 def _make_private(root: Path) -> None:

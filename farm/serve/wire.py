@@ -1,40 +1,45 @@
 """What ``farm serve`` and ``farm build --server`` say to each other, as JSON: one definition.
 
-Pure: values in, JSON-ready values out, and back. Errors travel with their class name and fields,
-so the client raises the very error a local build would have raised (same message, hint, exit
-code); a class this client does not know becomes a ``ServerError`` carrying the message.
+Pure: the build API's values (``farm.api``) in, JSON-ready values out, and back. Errors travel in
+their own JSON form (``FarmError.to_json``), so the client raises the very error a local build would
+have raised (same class, message, hint, exit code).
 
 The event stream of a build (``GET /api/builds/{id}/events``) is newline-delimited JSON, one
 object per line, each with a ``type`` and a ``seq`` (its position in the stream):
 
     {"type": "queued", "position": 2}          submitted; 2 builds are ahead of it
     {"type": "started"}                        it left the queue
-    {"type": "event", "platform": "linux/arm64", "node": "pi4", "state": "building", "detail": "native"}
+    {"type": "event", "platform": "linux/arm64", "node": "pi4", "state": "building", "mode": "native",
+     "detail": "native"}
     {"type": "result", "result": {...}}        the last line: the ``BuildResult``
     {"type": "error", "error": {...}}          or the last line: why it failed, was cancelled or stopped
+
+An event carries its state, its payload by name (``reason``, ``entries``/``context_bytes``/``sent``,
+``mode``, ``line``, ``digest``, ``error``) and, for clients older than typed events, ``detail``: the
+payload in words. An event a client cannot read (another farm version's) is skipped: events are
+progress only, the last line says how the build ended.
 """
 
 from __future__ import annotations
 
 from typing import Any, cast
 
-from farm.build import BuildResult, PlatformEvent, PlatformResult
-from farm.errors import (
-    BuildError,
-    BuildFailedError,
-    ContextError,
-    FarmError,
-    InputError,
-    InventoryError,
-    NodeError,
-    PlanError,
-    PlatformError,
-    ReferenceError_,
-    RegistryError,
-    ServerBugError,
-    ServerError,
-    VerificationError,
+from farm.api import (
+    Assigned,
+    Building,
+    BuildResult,
+    ContextSync,
+    LogLine,
+    PlatformEvent,
+    PlatformFailed,
+    PlatformResult,
+    Retrying,
+    Reused,
+    Syncing,
+    Verifying,
+    Waiting,
 )
+from farm.errors import FarmError, error_from_json
 from farm.platforms import parse_platform
 from farm.registry.name import parse_reference
 from farm.scheduler import Assign, Decision, Fail, Mode, Wait
@@ -52,85 +57,75 @@ __all__ = [
 
 JSON = dict[str, Any]
 
-_PLAIN: dict[str, type[FarmError]] = {
-    cls.__name__: cls
-    for cls in (
-        FarmError,
-        InputError,
-        PlatformError,
-        InventoryError,
-        ReferenceError_,
-        ContextError,
-        PlanError,
-        VerificationError,
-    )
-}
-
 
 def error_to_json(error: FarmError) -> JSON:
-    document: JSON = {
-        "class": type(error).__name__,
-        "message": error.message,
-        "hint": error.hint,
-        "exit_code": error.exit_code,
-    }
-    if isinstance(error, NodeError):
-        document |= {"node": error.node, "retryable": error.retryable}
-    elif isinstance(error, BuildError):
-        document["log_tail"] = list(error.log_tail)
-    elif isinstance(error, RegistryError):
-        document |= {"status": error.status, "request": error.request}
-    elif isinstance(error, ServerError):
-        document["status"] = error.status
-    elif isinstance(error, BuildFailedError):
-        document["failures"] = {platform: error_to_json(f) for platform, f in error.failures.items()}
-    return document
-
-
-def error_from_json(document: JSON) -> FarmError:
-    """The error the server describes, as the class it was raised as where this client knows it."""
-    name = str(document.get("class", ""))
-    message = str(document.get("message", "the server reported an error without a message"))
-    hint = document.get("hint")
-    hint = str(hint) if hint is not None else None
-    if name in _PLAIN:
-        return _PLAIN[name](message, hint=hint)
-    if name == "NodeError":
-        return NodeError(
-            message, node=str(document.get("node", "")), retryable=bool(document.get("retryable")), hint=hint
-        )
-    if name == "BuildError":
-        tail = tuple(str(line) for line in document.get("log_tail") or ())
-        return BuildError(message, log_tail=tail, hint=hint)
-    if name == "RegistryError":
-        return RegistryError(
-            message, status=_int_or_none(document.get("status")), request=document.get("request"), hint=hint
-        )
-    if name == "BuildFailedError":
-        failures = document.get("failures") or {}
-        return BuildFailedError({str(p): error_from_json(f) for p, f in failures.items()})
-    if name == "ServerBugError" or document.get("exit_code") == ServerBugError.exit_code:
-        return ServerBugError(message, status=_int_or_none(document.get("status")), hint=hint)
-    if document.get("exit_code") == InputError.exit_code:
-        return InputError(message, hint=hint)
-    return ServerError(message, status=_int_or_none(document.get("status")), hint=hint)
-
-
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) else None
+    return error.to_json()
 
 
 def event_to_json(event: PlatformEvent) -> JSON:
-    return {"platform": str(event.platform), "node": event.node, "state": event.state, "detail": event.detail}
+    document: JSON = {"platform": str(event.platform), "node": event.node, "state": event.state}
+    match event:
+        case Waiting(reason=reason) | Assigned(reason=reason) | Retrying(reason=reason):
+            document["reason"] = reason
+        case Syncing(entries=entries, context_bytes=size, sent=sent):
+            document |= {"entries": entries, "context_bytes": size, "sent": _sync_to_json(sent)}
+        case Building(mode=mode):
+            document["mode"] = mode
+        case LogLine(line=line):
+            document["line"] = line
+        case Verifying(digest=digest) | Reused(digest=digest):
+            document["digest"] = digest
+        case PlatformFailed(error=error):
+            document["error"] = error
+    document["detail"] = event.summary
+    return document
 
 
-def event_from_json(document: JSON) -> PlatformEvent:
-    return PlatformEvent(
-        parse_platform(str(document["platform"])),
-        str(document.get("node", "")),
-        str(document.get("state", "")),
-        str(document.get("detail", "")),
-    )
+def event_from_json(document: JSON) -> PlatformEvent | None:
+    """The event ``document`` describes; None if this farm cannot read it (see the module's doc)."""
+    try:
+        platform = parse_platform(str(document["platform"]))
+        node = str(document.get("node", ""))
+        state = document.get("state")
+        # A server older than typed events sends the payload as ``detail`` only.
+        text = str(document.get("detail", ""))
+        if state == "waiting":
+            return Waiting(platform, node, str(document.get("reason", text)))
+        if state == "assigned":
+            return Assigned(platform, node, str(document.get("reason", text)))
+        if state == "retrying":
+            return Retrying(platform, node, str(document.get("reason", text)))
+        if state == "syncing":
+            sent = document.get("sent")
+            return Syncing(
+                platform,
+                node,
+                int(document["entries"]),
+                int(document["context_bytes"]),
+                ContextSync(int(sent["context_bytes"]), int(sent["sent_files"]), int(sent["sent_bytes"]))
+                if sent is not None
+                else None,
+            )
+        if state == "building":
+            mode = str(document.get("mode", text))
+            return Building(platform, node, cast(Mode, mode)) if mode in ("native", "emulated") else None
+        if state == "log":
+            return LogLine(platform, node, str(document.get("line", text)))
+        if state == "verifying":
+            return Verifying(platform, node, str(document.get("digest", text)))
+        if state == "done":
+            return Reused(platform, node, str(document.get("digest", "")))
+        if state == "failed":
+            return PlatformFailed(platform, node, str(document.get("error", text)))
+    except (KeyError, TypeError, ValueError, FarmError):
+        return None
+    return None
+
+
+def _sync_to_json(sync: ContextSync | None) -> JSON | None:
+    if sync is None:
+        return None
+    return {"context_bytes": sync.context_bytes, "sent_files": sync.sent_files, "sent_bytes": sync.sent_bytes}
 
 
 def result_to_json(result: BuildResult) -> JSON:

@@ -6,8 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from farm.build import BuildResult, PlatformEvent, PlatformResult
+from farm.api import (
+    Assigned,
+    Building,
+    BuildResult,
+    ContextSync,
+    LogLine,
+    PlatformFailed,
+    PlatformResult,
+    Retrying,
+    Reused,
+    Syncing,
+    Verifying,
+    Waiting,
+)
 from farm.errors import (
+    BuildCancelledError,
     BuildError,
     BuildFailedError,
     ContextError,
@@ -101,6 +115,7 @@ def test_an_id_is_queued_once() -> None:
         RegistryError("denied", status=401, request="PUT /v2/x"),
         ServerError("gone", status=503),
         ServerBugError("bug"),
+        BuildCancelledError("build 1 was cancelled by bob"),
         BuildFailedError(
             {"linux/arm64": BuildError("exit 7", log_tail=("x",)), "linux/amd64": NodeError("n", node="a")}
         ),
@@ -117,6 +132,10 @@ def test_errors_cross_the_wire_as_the_class_they_are(error: FarmError) -> None:
 
 def test_an_unknown_error_class_keeps_its_message_and_exit_code() -> None:
     assert type(error_from_json({"class": "NewError", "message": "m", "exit_code": 2})).exit_code == 2
+    assert isinstance(
+        error_from_json({"class": "Stopped", "message": "m", "exit_code": 130}), BuildCancelledError
+    )
+    assert isinstance(error_from_json({"class": "Crash", "message": "m", "exit_code": 70}), ServerBugError)
     unknown = error_from_json({"class": "Other", "message": "m", "exit_code": 1})
     assert isinstance(unknown, ServerError)
     assert unknown.message == "m"
@@ -133,8 +152,19 @@ def test_results_events_and_decisions_round_trip() -> None:
         missing={"linux/s390x": "no node"},
     )
     assert result_from_json(result_to_json(result)) == result
-    event = PlatformEvent(arm64, "pi", "building", "native")
-    assert event_from_json(event_to_json(event)) == event
+    for event in (
+        Waiting(arm64, "-", "every native slot is taken"),
+        Assigned(arm64, "pi", "native on pi"),
+        Syncing(arm64, "pi", 3, 300),
+        Syncing(arm64, "pi", 3, 300, ContextSync(300, 1, 100)),
+        Building(arm64, "pi", "native"),
+        LogLine(arm64, "pi", "STEP 1/2: FROM busybox"),
+        Verifying(arm64, "pi", "sha256:" + "2" * 64),
+        Reused(arm64, "pi", "sha256:" + "2" * 64),
+        Retrying(arm64, "pi", "lost the agent on pi; trying another node"),
+        PlatformFailed(arm64, "pi", "RUN failed"),
+    ):
+        assert event_from_json(event_to_json(event)) == event
     for decision in (
         Assign(arm64, "pi", "emulated", "why"),
         Wait(arm64, "waiting", None),
@@ -193,3 +223,19 @@ def test_builds_left_unfinished_are_marked_failed_at_the_next_start(tmp_path: Pa
     assert done.state == "succeeded"
     assert [row.id for row in reopened.recent()] == ["queued", "running", "done"]
     assert reopened.recover(now=10.0) == []
+
+
+def test_events_of_a_server_older_than_typed_events_are_read_from_their_detail() -> None:
+    arm64 = parse_platform("linux/arm64")
+
+    def old(state: str, detail: str) -> dict[str, str]:
+        return {"platform": "linux/arm64", "node": "pi", "state": state, "detail": detail}
+
+    assert event_from_json(old("building", "emulated")) == Building(arm64, "pi", "emulated")
+    assert event_from_json(old("log", "STEP 2/2")) == LogLine(arm64, "pi", "STEP 2/2")
+    assert event_from_json(old("failed", "RUN failed")) == PlatformFailed(arm64, "pi", "RUN failed")
+    # What this client cannot read is skipped (progress only): the stream's last line still counts.
+    assert event_from_json(old("syncing", "3 entries, 300 bytes")) is None
+    assert event_from_json(old("teleporting", "")) is None
+    assert event_from_json(old("building", "interpreted")) is None
+    assert event_from_json({"platform": "linux/sparc", "state": "log", "line": "x"}) is None
