@@ -1,7 +1,7 @@
 """What containing a build costs: a cold ``farm build`` with RUN steps sandboxed (the default) against
 the same build without the sandbox, on this machine's local node.
 
-    .venv/bin/python bench/isolation.py [--rounds 5] [--platforms linux/amd64,linux/arm64]
+    .venv/bin/python bench/isolation.py [--rounds 5] [--platforms linux/amd64,linux/arm64] [--json FILE]
 
   contained    the default: each RUN step under ``--isolation oci`` (runc) in a PID namespace and a
                network namespace of its own (slirp4netns), the builder in a PID namespace
@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from buildnode import build_user_workdir, remove
+from common import figure, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {
@@ -55,9 +56,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--platforms", default="linux/amd64,linux/arm64")
     parser.add_argument("--registry", default="localhost:5000")
+    parser.add_argument("--json", help="write the figure and rounds as JSON here")
     args = parser.parse_args()
     farm = str(REPO / ".venv" / "bin" / "farm")
     ratios = []
+    rounds = []
     print(f"{'round':>5}  {'first':<12}{'contained s':>12}{'uncontained s':>14}{'ratio':>8}")
     for number in range(1, args.rounds + 1):
         order = list(SIDES) if number % 2 else list(reversed(SIDES))
@@ -85,6 +88,7 @@ def main() -> int:
                 remove(workdir)
         ratio = seconds["contained"] / seconds["uncontained"]
         ratios.append(ratio)
+        rounds.append({"round": number, "first": order[0], **{f"{k}_s": v for k, v in seconds.items()}})
         print(
             f"{number:>5}  {order[0]:<12}{seconds['contained']:>12.2f}"
             f"{seconds['uncontained']:>14.2f}{ratio:>8.3f}",
@@ -94,6 +98,8 @@ def main() -> int:
         f"median contained/uncontained wall time: {statistics.median(ratios):.3f} "
         "(no target: the sandbox's cost)"
     )
+    median = statistics.median(ratios)
+    write_json(args.json, "isolation", [figure("contained/uncontained", median, "x")], rounds=rounds)
     return 0
 
 

@@ -1,64 +1,68 @@
-"""farm against the shell a user would write, on this machine: median wall-time ratio farm/baseline.
+"""farm against the shell a user would write, on this machine: a cold multi-platform build, both
+sides contained the same way.
 
-    .venv/bin/python bench/local_build.py [--rounds N] [--platforms a,b,c] [--context DIR]
+    .venv/bin/python bench/local_build.py [--rounds N] [--platforms a,b,c] [--context DIR] [--json FILE]
 
 Each round builds the same context for the same platforms twice, into the same registry but
 different repositories:
 
-  farm      ``farm build`` with a one-node inventory (this machine, ``local: true``, 8 slots)
-  baseline  ``bench/baseline.sh``: buildah bud + push per platform in parallel, then
-            ``buildah manifest create/add/push --all``
+  farm      ``farm build --no-cache`` with a one-node inventory (this machine, ``local: true``,
+            8 slots); its agent runs as the build user ``farm-build``, rootless, every RUN step
+            under ``--isolation oci`` (runc) in its own PID and network namespace (slirp4netns)
+  baseline  ``bench/baseline.sh`` run as ``farm-build`` too (``setpriv``, the environment farm gives
+            its agent): per platform in parallel, ``contained-bud.sh`` (the same rootless buildah,
+            ``--isolation oci --runtime runc``, the same private network and PID namespace, the
+            agent's ``--layers``) then ``buildah push``; then ``buildah manifest create/add/push --all``
 
-Fairness: every round, each side gets a brand-new, empty buildah storage (farm's through the
-node's ``workdir:``, which also holds its context store; the baseline's through ``--root`` and
-``--runroot``). Both therefore pull the base image and build every step from nothing, every round.
-The storage is made and wiped outside the timed span. The order alternates (farm first in odd
-rounds, baseline first in even rounds) so neither side always gets the warmer page cache. Wall
-time is ``time.perf_counter`` around the whole command. Afterwards, outside the timing, each
-side's pushed index is read back from the registry with skopeo and must hold exactly one image
-per requested platform, each with an image config of that platform: the two sides did equal work.
+Cold on both sides, every round: each side gets a brand-new, empty workdir and buildah storage,
+made by the build user, with the storage driver farm's agent picks here (checked every round);
+farm is told ``--no-cache`` (else every round after the first would reuse the first's images).
+Storage is made and wiped outside the timed span. The order alternates (farm first in odd
+rounds). Wall time is ``time.perf_counter`` around the whole command; CPU is user + system of the
+command and every descendant it waited for. After farm's cold build, a separate, untimed-for-the-
+ratio run of the same command without ``--no-cache`` measures the no-op rebuild. Afterwards, each
+side's pushed index is read back and must hold exactly one image per platform, of that platform.
 
-The benchmark exits 0 whether or not the target (median ratio <= 1.0) is met; non-zero only if a
-command or a check fails.
+Targets (issue 14): median wall farm/baseline <= 0.95, median CPU farm/baseline <= 1.05. Exit 0
+whether or not they are met; 1 if a command or a check fails; 2 if the lab is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from buildnode import build_user_workdir
+from common import (
+    BenchError,
+    agent_storage_driver,
+    as_build_user,
+    at_most,
+    build_user_env,
+    busy_share,
+    check_index,
+    timed,
+    wipe,
+    write_json,
+)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
-TARGET_RATIO = 1.0
+TARGET_WALL = 0.95
+TARGET_CPU = 1.05
+TARGET_NOOP = 0.05  # as bench/noop_rebuild.py
 BUSY_WARNING = 0.15
-
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-
-
-class BenchError(Exception):
-    pass
 
 
 @dataclass
@@ -75,10 +79,15 @@ class Round:
     order: tuple[str, str]
     busy: float = 0.0  # highest share of CPU in use just before a side started: other work skews times
     runs: dict[str, Run] = field(default_factory=dict)
+    noop: float = 0.0  # farm's no-op rebuild of the same build, seconds
 
     @property
     def ratio(self) -> float:
         return self.runs["farm"].seconds / self.runs["baseline"].seconds
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.runs["farm"].cpu / self.runs["baseline"].cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,15 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         "farm": f"{args.registry}/{args.repo_prefix}/farm",
         "baseline": f"{args.registry}/{args.repo_prefix}/baseline",
     }
+    try:
+        driver = agent_storage_driver(REPO, build_user_workdir(scratch / "probe"))
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        wipe(scratch / "probe")
     print(f"context   {context}")
     print(f"platforms {','.join(platforms)} ({len(platforms)})")
-    print(f"farm      {farm} -> {repos['farm']}")
-    print(f"baseline  {BENCH / 'baseline.sh'} -> {repos['baseline']}")
-    print(f"rounds    {args.rounds}, fresh buildah storage per side per round, logs in {logs}")
+    print(f"farm      {farm} build --no-cache -> {repos['farm']}")
+    print(f"baseline  {BENCH / 'baseline.sh'} as farm-build -> {repos['baseline']}")
+    print(f"storage   {driver} (the agent's choice here), fresh per side per round; logs in {logs}")
+    print(f"layers    baseline {'with' if args.baseline_layers else 'WITHOUT'} --layers (farm's agent: with)")
+    print(f"rounds    {args.rounds}; load average {os.getloadavg()[0]:.2f} at start")
     print()
     print(
-        f"{'round':>5}  {'first':<9}{'farm s':>9}{'baseline s':>12}{'farm/base':>11}"
-        f"{'farm cpu s':>12}{'base cpu s':>12}{'busy':>6}"
+        f"{'round':>5}  {'first':<9}{'farm s':>8}{'base s':>8}{'wall':>7}"
+        f"{'farm cpu':>9}{'base cpu':>9}{'cpu':>7}{'busy':>6}{'no-op s':>9}"
     )
 
     rounds: list[Round] = []
@@ -123,25 +141,33 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"{run_id}-r{number}"
             for side in order:
                 workdir = scratch / f"r{number}-{side}"
-                _wipe(workdir)
+                wipe(workdir)
                 workdir.mkdir(parents=True)
                 log = logs / f"r{number}-{side}.log"
-                current.busy = max(current.busy, _busy_share())
                 if side == "farm":
-                    command, env = _farm_command(farm, workdir, repos["farm"], tag, platforms, context)
+                    command, env, cwd = _farm_command(farm, workdir, repos["farm"], tag, platforms, context)
                 else:
-                    command, env = _baseline_command(workdir, repos["baseline"], tag, platforms, context)
-                seconds, cpu = _timed(command, env, log)
+                    command, env, cwd = _baseline_command(
+                        workdir, repos["baseline"], tag, platforms, context, driver, args.baseline_layers
+                    )
+                current.busy = max(current.busy, busy_share())
+                seconds, cpu = timed(command, env, log, cwd)
                 current.runs[side] = Run(side, seconds, cpu, log)
+                if side == "farm":
+                    _check_driver(workdir / "node", driver)
+                    # The no-op rebuild: the same command, reuse allowed (not part of the ratio).
+                    noop_command = [word for word in command if word != "--no-cache"]
+                    current.noop, _ = timed(noop_command, env, logs / f"r{number}-farm-noop.log", cwd)
                 if not args.keep:
-                    _wipe(workdir)
+                    wipe(workdir)
             for side in order:
-                _check_index(f"{repos[side]}:{tag}", platforms)
+                check_index(f"{repos[side]}:{tag}", platforms)
             rounds.append(current)
             print(
-                f"{number:>5}  {order[0]:<9}{current.runs['farm'].seconds:>9.2f}"
-                f"{current.runs['baseline'].seconds:>12.2f}{current.ratio:>11.3f}"
-                f"{current.runs['farm'].cpu:>12.2f}{current.runs['baseline'].cpu:>12.2f}{current.busy:>6.0%}",
+                f"{number:>5}  {order[0]:<9}{current.runs['farm'].seconds:>8.2f}"
+                f"{current.runs['baseline'].seconds:>8.2f}{current.ratio:>7.3f}"
+                f"{current.runs['farm'].cpu:>9.2f}{current.runs['baseline'].cpu:>9.2f}{current.cpu_ratio:>7.3f}"
+                f"{current.busy:>6.0%}{current.noop:>9.2f}",
                 flush=True,
             )
     except BenchError as exc:
@@ -152,52 +178,59 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             for child in scratch.iterdir():
                 if child != logs:
-                    _wipe(child)
+                    wipe(child)
+            if not args.log_dir:
+                wipe(logs)
             if not any(scratch.iterdir()):
                 scratch.rmdir()
 
-    ratios = [r.ratio for r in rounds]
-    median = statistics.median(ratios)
-    farm_median = statistics.median(r.runs["farm"].seconds for r in rounds)
-    base_median = statistics.median(r.runs["baseline"].seconds for r in rounds)
+    median = statistics.median
+    wall = median(r.ratio for r in rounds)
+    cpu = median(r.cpu_ratio for r in rounds)
+    noop = median(r.noop / r.runs["farm"].seconds for r in rounds)
     print()
-    farm_cpu = statistics.median(r.runs["farm"].cpu for r in rounds)
-    base_cpu = statistics.median(r.runs["baseline"].cpu for r in rounds)
-    print(f"median wall time: farm {farm_median:.2f} s, baseline {base_median:.2f} s")
-    print(f"median CPU time:  farm {farm_cpu:.2f} s, baseline {base_cpu:.2f} s (user + system)")
+    print(
+        f"median wall time: farm {median(r.runs['farm'].seconds for r in rounds):.2f} s, "
+        f"baseline {median(r.runs['baseline'].seconds for r in rounds):.2f} s"
+    )
+    print(
+        f"median CPU time:  farm {median(r.runs['farm'].cpu for r in rounds):.2f} s, "
+        f"baseline {median(r.runs['baseline'].cpu for r in rounds):.2f} s (user + system)"
+    )
     if max(r.busy for r in rounds) > BUSY_WARNING:
         print("note: other work used the CPU as some runs began (busy column): expect noisy times")
-    print(
-        f"median farm/baseline ratio: {median:.3f} (target <= {TARGET_RATIO}: "
-        f"{'met' if median <= TARGET_RATIO else 'NOT met'})"
+    figures = [
+        at_most("wall farm/baseline, cold", wall, TARGET_WALL, "x"),
+        at_most("CPU farm/baseline, cold", cpu, TARGET_CPU, "x"),
+        at_most("no-op/cold (farm)", noop, TARGET_NOOP, "x"),
+    ]
+    for item in figures:
+        verdict = "met" if item["met"] else "MISSED"
+        print(f"median {item['figure']}: {item['value']:.3f} (target {item['target']}: {verdict})")
+    write_json(
+        args.json,
+        "local_build",
+        figures,
+        context=str(context),
+        platforms=platforms,
+        storage_driver=driver,
+        baseline_layers=args.baseline_layers,
+        rounds=[
+            {
+                "round": r.number,
+                "first": r.order[0],
+                "farm_seconds": r.runs["farm"].seconds,
+                "baseline_seconds": r.runs["baseline"].seconds,
+                "farm_cpu_seconds": r.runs["farm"].cpu,
+                "baseline_cpu_seconds": r.runs["baseline"].cpu,
+                "cpu_busy_before": r.busy,
+                "ratio": r.ratio,
+                "cpu_ratio": r.cpu_ratio,
+                "noop_seconds": r.noop,
+            }
+            for r in rounds
+        ],
     )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "context": str(context),
-                    "platforms": platforms,
-                    "rounds": [
-                        {
-                            "round": r.number,
-                            "first": r.order[0],
-                            "farm_seconds": r.runs["farm"].seconds,
-                            "baseline_seconds": r.runs["baseline"].seconds,
-                            "farm_cpu_seconds": r.runs["farm"].cpu,
-                            "baseline_cpu_seconds": r.runs["baseline"].cpu,
-                            "cpu_busy_before": r.busy,
-                            "ratio": r.ratio,
-                        }
-                        for r in rounds
-                    ],
-                    "median_ratio": median,
-                    "target": TARGET_RATIO,
-                    "met": median <= TARGET_RATIO,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
     return 0
 
 
@@ -213,6 +246,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-dir", help="keep each run's timestamped output here")
     parser.add_argument("--keep", action="store_true", help="keep the per-round storage folders")
     parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument(
+        "--baseline-no-layers",
+        dest="baseline_layers",
+        action="store_false",
+        help="the baseline builds without --layers (farm's agent always passes it)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -227,7 +266,7 @@ def _farm_executable(given: str | None) -> str:
 
 
 def _check_tools(farm: str) -> None:
-    for tool in (farm, "buildah", "skopeo", "bash"):
+    for tool in (farm, "buildah", "skopeo", "bash", "setpriv", "runc", "slirp4netns", "unshare"):
         if shutil.which(tool) is None and not Path(tool).is_file():
             raise BenchError(f"{tool} not found (run deploy/lab/setup.sh and install farm into .venv)")
 
@@ -242,9 +281,18 @@ def _check_registry(registry: str) -> None:
         ) from exc
 
 
+def _check_driver(workdir: Path, expected: str) -> None:
+    try:
+        used = (workdir / "storage" / "driver").read_text().strip()
+    except OSError:
+        return  # a builder without one (docker): nothing to compare
+    if used != expected:
+        raise BenchError(f"farm's agent used the {used} driver, the baseline {expected}: not the same work")
+
+
 def _farm_command(
     farm: str, workdir: Path, repo: str, tag: str, platforms: list[str], context: Path
-) -> tuple[list[str], dict[str, str]]:
+) -> tuple[list[str], dict[str, str], str | None]:
     inventory = workdir / "inventory.yaml"
     inventory.write_text(
         "nodes:\n"
@@ -259,120 +307,40 @@ def _farm_command(
         farm, "build",
         "-t", f"{repo}:{tag}",
         "--platform", ",".join(platforms),
+        "--no-cache",
         "--inventory", str(inventory),
         "--progress", "plain",
         str(context),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "FARM_INVENTORY"}
-    return command, env
+    return command, env, None
 
 
 def _baseline_command(
-    workdir: Path, repo: str, tag: str, platforms: list[str], context: Path
-) -> tuple[list[str], dict[str, str]]:
-    env = dict(os.environ)
-    env["BUILDAH_ROOT"] = str(workdir / "root")
-    env["BUILDAH_RUNROOT"] = str(workdir / "run")
-    return ["bash", str(BENCH / "baseline.sh"), repo, tag, ",".join(platforms), str(context)], env
-
-
-def _timed(command: list[str], env: dict[str, str], log: Path) -> tuple[float, float]:
-    """Run ``command`` with its output stamped into ``log``; its wall time and CPU time."""
-    with log.open("w") as out:
-        out.write("# " + " ".join(command) + "\n")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-        )
-        assert process.stdout is not None
-        copier = threading.Thread(target=_stamp, args=(process.stdout, out, started))
-        copier.start()
-        code = process.wait()
-        seconds = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        copier.join()
-        out.write(f"# exit {code} after {seconds:.3f} s, {cpu:.3f} s CPU\n")
-    if code != 0:
-        tail = log.read_text(errors="replace").splitlines()[-20:]
-        raise BenchError(f"{command[0]} exited with {code}:\n  " + "\n  ".join(tail))
-    return seconds, cpu
-
-
-def _busy_share(seconds: float = 1.0) -> float:
-    """The share of all CPUs in use over ``seconds`` (nothing of the benchmark runs meanwhile)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total1, idle1 = sample()
-    time.sleep(seconds)
-    total2, idle2 = sample()
-    return 1.0 - (idle2 - idle1) / max(1, total2 - total1)
-
-
-def _stamp(stream: IO[bytes], out: IO[str], started: float) -> None:
-    for raw in iter(stream.readline, b""):
-        out.write(f"{time.perf_counter() - started:8.3f} {raw.decode('utf-8', 'replace').rstrip()}\n")
-
-
-def _check_index(ref: str, platforms: list[str]) -> None:
-    """The registry holds an index at ``ref`` with one image of each platform, and nothing else."""
-    index = json.loads(_skopeo("inspect", "--raw", f"docker://{ref}"))
-    media_type = index.get("mediaType")
-    children = index.get("manifests")
-    if (media_type is not None and media_type not in INDEX_TYPES) or not isinstance(children, list):
-        raise BenchError(f"{ref} is not an index ({media_type})")
-    declared = sorted(_platform_key(child.get("platform") or {}) for child in children)
-    wanted = sorted(_platform_key(_split(p)) for p in platforms)
-    if declared != wanted:
-        raise BenchError(f"{ref} lists platforms {declared}, expected {wanted}")
-    name = ref.rsplit(":", 1)[0]
-    for child in children:
-        config = json.loads(_skopeo("inspect", "--config", "--raw", f"docker://{name}@{child['digest']}"))
-        if _platform_key(config) != _platform_key(child["platform"]):
-            raise BenchError(
-                f"{name}@{child['digest']} is listed as {_platform_key(child['platform'])} "
-                f"but its config says {_platform_key(config)}"
-            )
-
-
-def _skopeo(*args: str) -> str:
-    done = subprocess.run(
-        ["skopeo", *args[:-1], "--tls-verify=false", args[-1]], capture_output=True, text=True
+    workdir: Path,
+    repo: str,
+    tag: str,
+    platforms: list[str],
+    context: Path,
+    driver: str,
+    layers: bool,
+) -> tuple[list[str], dict[str, str], str]:
+    home = build_user_workdir(workdir / "baseline")
+    # A copy the build user can read, made before the clock starts (farm ships its own to the agent).
+    shutil.copytree(context, home / "context", symlinks=True)
+    shutil.chown(home / "context", "farm-build", "farm-build")
+    env = build_user_env(
+        {
+            "BUILDAH_ROOT": str(home / "root"),
+            "BUILDAH_RUNROOT": str(home / "run"),
+            "BUILDAH_DRIVER": driver,
+            "BASELINE_LAYERS": "1" if layers else "0",
+        }
     )
-    if done.returncode != 0:
-        raise BenchError(f"skopeo {' '.join(args)} failed: {done.stderr.strip()}")
-    return done.stdout
-
-
-def _split(platform: str) -> dict[str, str]:
-    parts = platform.split("/")
-    return {"os": parts[0], "architecture": parts[1], "variant": parts[2] if len(parts) > 2 else ""}
-
-
-def _platform_key(declared: Mapping[str, object]) -> str:
-    os_name = str(declared.get("os", ""))
-    arch = str(declared.get("architecture", ""))
-    variant = str(declared.get("variant", "") or "")
-    if arch == "arm64" and variant == "v8":
-        variant = ""  # linux/arm64 and linux/arm64/v8 are the same platform
-    return "/".join(part for part in (os_name, arch, variant) if part)
-
-
-def _wipe(path: Path) -> None:
-    """Remove a storage folder, unmounting first what an overlay store may still have mounted."""
-    if not path.exists():
-        return
-    prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    shutil.rmtree(path)
+    command = as_build_user(
+        ["bash", str(BENCH / "baseline.sh"), repo, tag, ",".join(platforms), str(home / "context")]
+    )
+    return command, env, "/"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ for seven platforms on a node with an empty workdir (cold: no layer cache, no co
 node), then runs the very same command again (no-op: every platform is reused, nothing is
 dispatched). Both are timed around the whole ``farm`` process, as a user or CI would see them.
 
-    .venv/bin/python bench/noop_rebuild.py [--rounds 3]
+    .venv/bin/python bench/noop_rebuild.py [--rounds 3] [--json FILE]
 
 Target: no-op / cold <= 0.05. Needs the lab (deploy/lab/setup.sh): the registry on
 localhost:5000 with the seeded busybox base.
@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from buildnode import build_user_workdir
+from common import at_most, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
@@ -54,9 +55,11 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--registry", default="localhost:5000")
+    parser.add_argument("--json", help="write the figure and rounds as JSON here")
     args = parser.parse_args()
     farm = str(REPO / ".venv" / "bin" / "farm")
     ratios = []
+    rounds = []
     print(f"{'round':>5}  {'cold s':>8}  {'no-op s':>8}  {'no-op/cold':>10}")
     for number in range(1, args.rounds + 1):
         with tempfile.TemporaryDirectory(prefix="farm-bench-noop-") as scratch:
@@ -77,10 +80,12 @@ def main() -> int:
             noop = timed(command)
             _unmount_below(root)
         ratios.append(noop / cold)
+        rounds.append({"round": number, "cold_s": cold, "noop_s": noop, "ratio": noop / cold})
         print(f"{number:>5}  {cold:>8.2f}  {noop:>8.2f}  {noop / cold:>10.3f}")
     median = statistics.median(ratios)
     verdict = "met" if median <= TARGET else "NOT met"
     print(f"median no-op/cold ratio: {median:.3f} (target <= {TARGET}: {verdict})")
+    write_json(args.json, "noop_rebuild", [at_most("no-op/cold", median, TARGET, "x")], rounds=rounds)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import random
 import resource
 import statistics
@@ -42,6 +41,8 @@ import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from common import at_least, at_most, write_json
 
 from farm.health import NodeHealth
 from farm.platforms import Platform
@@ -331,29 +332,31 @@ def main(argv: list[str] | None = None) -> int:
         problems.append("the two runs of the same seed differ")
     for problem in problems[:20]:
         print(f"CHECK FAILED: {problem}", file=sys.stderr)
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "nodes": args.nodes,
-                    "builds": args.builds,
-                    "seed": args.seed,
-                    "decisions": timed.decisions,
-                    "p50_ms": p50,
-                    "p99_ms": p99,
-                    "max_ms": latencies_ms[-1],
-                    "dispatches_per_s": rate,
-                    "decide_only_dispatches_per_s": decide_rate,
-                    "tracemalloc_peak_mb": peak_mb,
-                    "ru_maxrss_mb": maxrss_mb,
-                    "wall_s": timed.wall_seconds,
-                    "simulated_s": timed.simulated_seconds,
-                    **{key.replace(" ", "_"): value for key, value in outcome.items()},
-                    "problems": problems,
-                },
-                indent=2,
-            )
-        )
+    figures = [
+        at_most("decide p99", p99, P99_TARGET_MS, "ms"),
+        at_least("dispatches per second", rate, RATE_TARGET, "/s"),
+        at_most("peak memory", memory_mb, MEMORY_TARGET_MB, "MB"),
+    ]
+    write_json(
+        args.json,
+        "scheduler",
+        figures,
+        nodes=args.nodes,
+        builds=args.builds,
+        seed=args.seed,
+        decisions=timed.decisions,
+        p50_ms=p50,
+        p99_ms=p99,
+        max_ms=latencies_ms[-1],
+        dispatches_per_s=rate,
+        decide_only_dispatches_per_s=decide_rate,
+        tracemalloc_peak_mb=peak_mb,
+        ru_maxrss_mb=maxrss_mb,
+        wall_s=timed.wall_seconds,
+        simulated_s=timed.simulated_seconds,
+        **{key.replace(" ", "_"): value for key, value in outcome.items()},
+        problems=problems,
+    )
     return 1 if problems else 0
 
 

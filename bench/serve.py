@@ -8,7 +8,7 @@ is a no-op (every platform unchanged and still in the registry: nothing is dispa
 all, each ``POST /api/builds`` then following ``GET /api/builds/{id}/events`` to the end and
 checking the build succeeded.
 
-    .venv/bin/python bench/serve.py [--builds 500] [--clients 20] [--registry localhost:5000]
+    .venv/bin/python bench/serve.py [--builds 500] [--clients 20] [--registry localhost:5000] [--json FILE]
 
 Prints the submit latency (the time of ``POST /api/builds``) p50/p99, completed builds per
 second (over the whole load), and the server's peak memory (VmHWM of its process). Targets:
@@ -34,11 +34,12 @@ from pathlib import Path
 
 import httpx
 from buildnode import build_user_workdir
+from common import at_most, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from farm.build import BuildOptions  # noqa: E402
+from farm.api import BuildOptions  # noqa: E402
 from farm.platforms import parse_platform  # noqa: E402
 
 P99_TARGET_MS = 50.0
@@ -163,6 +164,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--registry", default="localhost:5000")
     parser.add_argument("--platform", default="linux/amd64", help="platforms of the build, comma-separated")
+    parser.add_argument("--json", help="write the figures as JSON here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="farm-bench-serve-") as scratch:
@@ -188,10 +190,9 @@ def main() -> int:
             headers = {"Authorization": f"Bearer {token}"}
             [built] = httpx.get(url + "/api/builds", params={"limit": 1}, headers=headers).json()["builds"]
             options = BuildOptions(
-                context=context,
                 tags=(tag,),
                 platforms=tuple(parse_platform(p) for p in args.platform.split(",")),
-            ).model_dump(mode="json", exclude={"context", "dockerfile"})
+            ).model_dump(mode="json")
             body = {
                 "context": built["context"],
                 "options": options,
@@ -235,6 +236,20 @@ def main() -> int:
     ok_memory = peak <= MEMORY_TARGET_MB
     print(f"target p99 <= {P99_TARGET_MS:.0f} ms: {'met' if ok_latency else 'MISSED'}")
     print(f"target peak memory <= {MEMORY_TARGET_MB:.0f} MB: {'met' if ok_memory else 'MISSED'}")
+    write_json(
+        args.json,
+        "serve",
+        [
+            at_most("submit p99", p99, P99_TARGET_MS, "ms"),
+            at_most("peak memory", peak, MEMORY_TARGET_MB, "MB"),
+        ],
+        builds=args.builds,
+        clients=args.clients,
+        p50_ms=p50,
+        steady_p99_ms=steady_p99,
+        builds_per_s=completed / wall,
+        failures=failures[:20],
+    )
     return 0 if ok_latency and ok_memory and not failures else 1
 
 

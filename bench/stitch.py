@@ -11,7 +11,7 @@ into a fresh repository, both ways, in alternating order:
 
 Prints each round and the median wall-time ratio farm/baseline. Target: <= 0.5.
 
-    .venv/bin/python bench/stitch.py [--rounds 5]
+    .venv/bin/python bench/stitch.py [--rounds 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from common import at_most, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "bench/stitch-src"
@@ -141,9 +142,11 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--registry", default="localhost:5000")
+    parser.add_argument("--json", help="write the figure and rounds as JSON here")
     args = parser.parse_args()
     digests = prepare(args.registry)
     ratios = []
+    rounds = []
     print(f"{'round':>5}  {'first':<9} {'farm s':>7}  {'baseline s':>10}  {'farm/base':>9}")
     for number in range(1, args.rounds + 1):
         run_id = uuid.uuid4().hex[:10]
@@ -163,10 +166,14 @@ def main() -> int:
         check(args.registry, base_target)
         ratio = times["farm"] / times["baseline"]
         ratios.append(ratio)
+        rounds.append(
+            {"round": number, "first": order[0], **{f"{k}_s": v for k, v in times.items()}, "ratio": ratio}
+        )
         print(f"{number:>5}  {order[0]:<9} {times['farm']:>7.2f}  {times['baseline']:>10.2f}  {ratio:>9.3f}")
     median = statistics.median(ratios)
     verdict = "met" if median <= TARGET else "NOT met"
     print(f"median farm/baseline ratio: {median:.3f} (target <= {TARGET}: {verdict})")
+    write_json(args.json, "stitch", [at_most("farm/baseline", median, TARGET, "x")], rounds=rounds)
     return 0
 
 
