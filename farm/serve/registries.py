@@ -1,10 +1,10 @@
 """Which registries ``farm serve`` may contact, and the check of a submitted build against them.
 
 A build makes the server contact the registry of each of its tags (to push, to verify what was
-pushed) and of each base image in its Dockerfile's FROM lines (to pin it), and tells its nodes
-which hosts speak plain HTTP (``insecure_registries``). Each of those must be a registry the
-server's operator allowed: otherwise any client with the token could make the server open
-connections to any host and port it can reach, its own loopback services included.
+pushed) and of each image its Dockerfile names (FROM, COPY --from, RUN --mount from: to pin it),
+and tells its nodes which hosts speak plain HTTP (``insecure_registries``). Each of those must be
+a registry the server's operator allowed: otherwise any client with the token could make the
+server open connections to any host and port it can reach, its own loopback services included.
 
     allowed = --allow-registry HOST[:PORT] ...       given: exactly those
             | docker.io + the registries the server's docker config names (auths, credHelpers)
@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from farm.dockerfile import parse_stages
+from farm.dockerfile import image_references
 from farm.errors import FarmError, InputError
 from farm.platforms import Platform
 from farm.registry.name import DOCKER_HUB, parse_reference
@@ -89,23 +89,23 @@ class RegistryPolicy:
         targets: Iterable[Platform],
         builds: Iterable[Platform],
     ) -> None:
-        """Refuse a Dockerfile whose FROM lines name a registry this server may not contact.
+        """Refuse a Dockerfile naming an image (FROM, ``COPY --from``, ``RUN --mount=…,from=``) in a
+        registry this server may not contact.
 
-        Bases are found as the build will find them: for each target platform, and, where the
-        Dockerfile uses BuildKit's BUILD* arguments, for each platform a node may build on.
+        Images are found as the build will find them to pin them: for each target platform, and,
+        where the Dockerfile uses BuildKit's BUILD* arguments, for each platform a node may build on.
         """
         others = list(builds) if any(name in dockerfile for name in _BUILD_ARGS) else []
         for target in targets:
             for build in [target, *(other for other in others if other != target)]:
                 try:
-                    stages = parse_stages(dockerfile, target=target, build=build, build_args=build_args)
+                    uses = image_references(dockerfile, target=target, build=build, build_args=build_args)
                 except FarmError:
                     if build == target:
                         raise  # the build cannot start: say so now
                     continue  # only a node of that platform would find out, and contact nothing
-                for stage in stages:
-                    if stage.base is not None:
-                        self._check(stage.base.reference.registry, f"base image {stage.base.reference}")
+                for use in uses:
+                    self._check(use.image.reference.registry, use.description)
 
     def _check(self, registry: str, named_by: str) -> None:
         if registry.lower() in self.allowed:
