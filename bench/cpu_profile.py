@@ -279,7 +279,10 @@ _COORDINATOR_PARTS = [
     ("context scan", ("farm/context.py",)),
     ("index push", ("farm/stitch.py", "farm/index.py")),
     ("agent sessions (start, sync, messages)", ("farm/session.py", "farm/transport/")),
-    ("node probe, dispatch, scheduler", ("farm/nodes.py", "farm/dispatch.py", "farm/scheduler.py")),
+    (
+        "node probe, dispatch, scheduler",
+        ("farm/nodes.py", "farm/pool.py", "farm/dispatch.py", "farm/scheduler.py"),
+    ),
     ("progress output", ("farm/progress.py",)),
     ("registry requests (ping, pins, auth)", ("farm/registry/",)),
     ("build plan (Dockerfile, pins, records)", ("farm/build.py", "farm/dockerfile.py")),

@@ -1,13 +1,16 @@
 """One build: plan, dispatch, collect, verify, stitch — all or nothing.
 
-    BuildRequest ─► probe nodes ─► plan (scheduler) ─► pin base images by digest
+    BuildRequest ─► probe the nodes due ─► plan (scheduler) ─► pin base images by digest
             ─► per platform, concurrently: slot → sync context → build → push by digest → verify
             ─► index ─► PUT under every tag, only when every platform succeeded
 
 ``read_request`` makes the request from a context folder and a Dockerfile (``farm build``);
-``farm serve`` makes it from what a client sent. Progress is reported as the build API's events
-(``farm.api``) to a callback; the result is one ``BuildResult`` from which the CLI writes the
-summary and the metadata file, and ``farm serve`` its history.
+``farm serve`` makes it from what a client sent. The nodes are the process's ``NodePool``
+(``farm.pool``): ``farm build`` opens one for its build, ``farm serve`` passes the one it keeps,
+so what a build learns of a node (a fault, a sign of life) every later build knows. Progress is
+reported as the build API's events (``farm.api``) to a callback; the result is one
+``BuildResult`` from which the CLI writes the summary and the metadata file, and ``farm serve``
+its history.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from farm import mediatypes
 from farm.api import (
@@ -43,7 +46,7 @@ from farm.api import (
     Waiting,
 )
 from farm.context import Context, StatCache, scan_context
-from farm.dockerfile import BaseImage, parse_stages, pin_bases
+from farm.dockerfile import BaseImage, image_references, image_registries, pin_images
 from farm.errors import (
     BuildFailedError,
     ContextError,
@@ -53,20 +56,20 @@ from farm.errors import (
     RegistryError,
 )
 from farm.index import Descriptor
-from farm.inventory import Inventory
 from farm.paths import CACHE_DIR
 from farm.platforms import Platform, normalize, parse_platform
 from farm.registry.client import Manifest, RegistryClient
-from farm.registry.name import Reference, parse_reference
+from farm.registry.name import Reference
 from farm.registry.verify import LayerScan, verify_image
 from farm.scheduler import Decision, Fail, Mode, Request, affinity_key, plan
 from farm.stitch import Source, existing_children, push_index
 
-# farm.dispatch, farm.nodes and farm.session are imported where a build reaches its nodes: an
-# unchanged rebuild (every platform reused) never does, and its start-up is most of its time.
+# farm.dispatch, farm.pool, farm.nodes and farm.session are imported where a build reaches its
+# nodes: an unchanged rebuild (every platform reused) never does, and its start-up is most of its time.
 if TYPE_CHECKING:
     from farm.dispatch import Outcome
     from farm.nodes import Node
+    from farm.pool import NodePool
     from farm.session import AgentSession
 
 __all__ = ["dry_run", "read_request", "run_build"]
@@ -79,19 +82,16 @@ async def read_request(options: BuildOptions, context: Path, dockerfile: Path | 
     return BuildRequest(options, scanned, read_dockerfile(dockerfile or context / "Dockerfile"))
 
 
-async def run_build(
-    request: BuildRequest,
-    inventory: Inventory,
-    on_event: EventSink,
-    drained: frozenset[str] = frozenset(),
-) -> BuildResult:
-    """Build ``request`` on ``inventory``'s nodes (but those ``drained``) and push its index."""
+async def run_build(request: BuildRequest, pool: NodePool, on_event: EventSink) -> BuildResult:
+    """Build ``request`` on the ``pool``'s nodes and push its index."""
     options, context, dockerfile_text = request.options, request.context, request.dockerfile
     tags = options.references()
     target = tags[0]
-    async with RegistryClient(insecure_registries=options.insecure_registries) as client:
+    async with (
+        RegistryClient(insecure_registries=options.insecure_registries) as client,
+        _Pins(client, dockerfile_text, options) as pins,
+    ):
         await client.ping(target)
-        pins = _Pins(client, dockerfile_text, options)
         records = _BuildRecords.load()
         keys = {p: _build_key(context, await pins.dockerfile(p, p), options, p) for p in options.platforms}
         reused = {} if options.no_cache else await _reusable(client, target, records, keys, on_event)
@@ -101,9 +101,8 @@ async def run_build(
         scans: dict[str, LayerScan] = {}
         if wanted:
             outcome = await _dispatch(
-                client, wanted, inventory, drained, pins, context, dockerfile_text, options, target, scans,
-                on_event,
-            )  # fmt: skip
+                client, wanted, pool, pins, context, dockerfile_text, options, target, scans, on_event
+            )
             built = {platform: cast(PlatformResult, result) for platform, result in outcome.results.items()}
             failures = outcome.failures
         for platform, result in built.items():
@@ -125,8 +124,7 @@ async def run_build(
 async def _dispatch(
     client: RegistryClient,
     platforms: list[Platform],
-    inventory: Inventory,
-    drained: frozenset[str],
+    pool: NodePool,
     pins: _Pins,
     context: Context,
     dockerfile_text: str,
@@ -135,30 +133,33 @@ async def _dispatch(
     scans: dict[str, LayerScan],
     on_event: EventSink,
 ) -> Outcome:
-    """Open and probe the inventory's nodes and build ``platforms`` on them, failing over as needed."""
+    """Probe the pool's nodes that are due and build ``platforms`` on them, failing over as needed."""
     from farm.dispatch import Dispatch
-    from farm.nodes import open_nodes, probe
 
     async def run(platform: Platform, node: Node, mode: Mode, reason: str) -> PlatformResult:
         assert node.facts is not None
         dockerfile = await pins.dockerfile(platform, node.facts.native_platform)
+
+        def on_node_event(event: PlatformEvent) -> None:
+            pool.report(node.name, "heartbeat")  # whatever the node says proves it alive
+            on_event(event)
+
         return await _build_platform(
-            client, node, platform, mode, context, dockerfile, options, target, scans, on_event
+            client, node, platform, mode, context, dockerfile, options, target, scans, on_node_event
         )
 
     def report(platform: Platform, node: str, state: str, detail: str) -> None:
         on_event(_dispatch_event(platform, node, state, detail))
 
-    async with open_nodes(inventory, drained) as nodes:
-        await asyncio.gather(*(probe(node) for node in nodes))
-        _require_a_usable_node(nodes)
-        if not options.allow_partial:
-            _refuse_what_cannot_be_placed(options, platforms, nodes)
-        history = _History.load()
-        affinity = _affinity(context, dockerfile_text, options)
-        outcome = await Dispatch(nodes, options.policy, history.entries, options.retries, run, report).run(
-            platforms, affinity
-        )
+    await pool.refresh()
+    _require_a_usable_node(pool.nodes)
+    if not options.allow_partial:
+        _refuse_what_cannot_be_placed(options, platforms, pool)
+    history = _History.load()
+    affinity = _affinity(context, dockerfile_text, options)
+    outcome = await Dispatch(pool, options.policy, history.entries, options.retries, run, report).run(
+        platforms, affinity
+    )
     for platform, result in outcome.results.items():
         history.entries[(affinity, platform)] = cast(PlatformResult, result).node
     history.save()
@@ -187,12 +188,14 @@ async def _reusable(
         for platform, record in ((p, records.entries.get(key)) for p, key in keys.items())
         if record is not None and record.get("repository") == target.name
     }
-    found = await asyncio.gather(
-        *(client.head_manifest(target.with_digest(str(record["digest"]))) for record in candidates.values())
-    )
+    async with asyncio.TaskGroup() as heads:
+        found = [
+            heads.create_task(client.head_manifest(target.with_digest(str(record["digest"]))))
+            for record in candidates.values()
+        ]
     reused: dict[Platform, PlatformResult] = {}
     for (platform, record), present in zip(candidates.items(), found, strict=True):
-        if present is None:
+        if present.result() is None:
             continue  # deleted from the registry since: build it again
         reused[platform] = PlatformResult(
             platform=platform,
@@ -290,16 +293,11 @@ def _require_a_usable_node(nodes: list[Node]) -> None:
     raise PlanError(f"no node is usable ({reasons})", hint="see 'farm nodes check'")
 
 
-def _refuse_what_cannot_be_placed(
-    options: BuildOptions, platforms: list[Platform], nodes: list[Node]
-) -> None:
+def _refuse_what_cannot_be_placed(options: BuildOptions, platforms: list[Platform], pool: NodePool) -> None:
     """Before building anything: a platform no node could ever take fails the build now."""
-    from farm.dispatch import initial_health, node_views
-
-    now = time.monotonic()
-    health = {node.name: initial_health(node, now) for node in nodes}
+    now = pool.clock()
     requests = [Request(platform, waiting_since=now) for platform in platforms]
-    decisions = plan(requests, node_views(nodes, health, {}), options.policy, {}, now)
+    decisions = plan(requests, pool.views(), options.policy, {}, now)
     failing = [decision for decision in decisions if isinstance(decision, Fail)]
     if len(failing) == 1:
         raise failing[0].error()
@@ -312,7 +310,13 @@ def _refuse_what_cannot_be_placed(
 
 class _Pins:
     """Each platform's Dockerfile with its bases pinned: a base's manifest is fetched once, and
-    resolved once per platform."""
+    resolved once per platform.
+
+    The lookups are tasks shared by every platform that needs them, so none belongs to one
+    platform: they are the ``async with`` block's, cancelled and awaited at its end. A lookup's
+    failure reaches each platform that awaits it (and fails that platform only, as any error of
+    its own would), never the others.
+    """
 
     def __init__(self, client: RegistryClient, text: str, options: BuildOptions) -> None:
         self._client = client
@@ -321,18 +325,31 @@ class _Pins:
         self._manifests: dict[Reference, asyncio.Task[Manifest]] = {}
         self._digests: dict[BaseImage, asyncio.Task[str]] = {}
 
+    async def __aenter__(self) -> _Pins:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        tasks: list[asyncio.Task[Any]] = [*self._digests.values(), *self._manifests.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # seen: the platforms that awaited it have reported it
+
     async def dockerfile(self, target: Platform, build: Platform) -> str:
-        stages = parse_stages(self._text, target=target, build=build, build_args=self._options.build_args)
-        bases = [stage.base for stage in stages if stage.base is not None]
+        uses = image_references(self._text, target=target, build=build, build_args=self._options.build_args)
+        bases = [use.image for use in uses]
         for base in bases:
             if base not in self._digests:
-                self._digests[base] = asyncio.ensure_future(self._resolve(base))
+                self._digests[base] = asyncio.create_task(self._resolve(base))
         digests = {base: await self._digests[base] for base in bases}
-        return pin_bases(self._text, stages, digests)
+        return pin_images(self._text, uses, digests)
 
     async def _resolve(self, base: BaseImage) -> str:
         if base.reference not in self._manifests:
-            self._manifests[base.reference] = asyncio.ensure_future(_fetch_base(self._client, base.reference))
+            self._manifests[base.reference] = asyncio.create_task(_fetch_base(self._client, base.reference))
         return await _resolve_base(self._client, base, await self._manifests[base.reference])
 
 
@@ -472,29 +489,14 @@ def _dispatch_event(platform: Platform, node: str, state: str, detail: str) -> P
 
 
 def _plain_http_bases(client: RegistryClient, dockerfile: str) -> set[str]:
-    hosts = set()
-    for line in dockerfile.splitlines():
-        words = line.split()
-        if words[:1] and words[0].upper() == "FROM":
-            image = next((w for w in words[1:] if not w.startswith("--")), "")
-            if "/" in image:
-                try:
-                    hosts.add(parse_reference(image).registry)
-                except FarmError:
-                    continue
-    return {host for host in hosts if client.is_plain_http(host)}
+    return {host for host in image_registries(dockerfile) if client.is_plain_http(host)}
 
 
-async def dry_run(options: BuildOptions, inventory: Inventory, drained: frozenset[str]) -> list[Decision]:
-    """What ``farm build`` would do now, and why, for every platform; nothing is built."""
-    from farm.dispatch import initial_health, node_views
-    from farm.nodes import open_nodes, probe
-
-    async with open_nodes(inventory, drained) as nodes:
-        await asyncio.gather(*(probe(node) for node in nodes))
-        _require_a_usable_node(nodes)
-        now = time.monotonic()
-        health = {node.name: initial_health(node, now) for node in nodes}
-        views = node_views(nodes, health, {})
-        requests = [Request(platform, waiting_since=now) for platform in options.platforms]
-        return plan(requests, views, options.policy, _History.load().entries, now)
+async def dry_run(options: BuildOptions, pool: NodePool) -> list[Decision]:
+    """What ``farm build`` would do now on the ``pool``'s nodes, and why, for every platform;
+    nothing is built."""
+    await pool.refresh()
+    _require_a_usable_node(pool.nodes)
+    now = pool.clock()
+    requests = [Request(platform, waiting_since=now) for platform in options.platforms]
+    return plan(requests, pool.views(), options.policy, _History.load().entries, now)

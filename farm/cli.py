@@ -88,8 +88,10 @@ async def run_build_here_or_on_server(
 
         return await remote_build(where.server, request, on_event, on_note)
     from farm.build import run_build
+    from farm.pool import NodePool
 
-    return await run_build(request, where.inventory, on_event, where.drained)
+    async with NodePool(where.inventory, drained=where.drained) as pool:
+        return await run_build(request, pool, on_event)
 
 
 @dataclass
@@ -325,8 +327,10 @@ async def _plan(options: BuildOptions, where: Here | OnServer) -> list[Decision]
 
         return await remote_plan(where.server, options)
     from farm.build import dry_run
+    from farm.pool import NodePool
 
-    return await dry_run(options, where.inventory, where.drained)
+    async with NodePool(where.inventory, drained=where.drained) as pool:
+        return await dry_run(options, pool)
 
 
 # --- farm serve (farm/serve) ---------------------------------------------------------------------
@@ -538,7 +542,7 @@ def nodes_check(
     """Probe every node (or NAMES) in parallel and say which can build what, and why not."""
     from farm.drain import DrainState
     from farm.inventory import load_inventory
-    from farm.nodes import check_nodes
+    from farm.pool import check_nodes
 
     loaded = load_inventory(inventory)
     unknown = sorted(set(names) - {spec.name for spec in loaded.nodes})
@@ -614,7 +618,7 @@ def nodes_add(
 ) -> None:
     """Pin a new node's host key, check the node, and add it to the inventory."""
     from farm.inventory import Inventory, NodeSpec, append_node
-    from farm.nodes import check_nodes
+    from farm.pool import check_nodes
     from farm.transport.ssh import fetch_host_key, pin_host_key  # asyncssh only when needed
 
     given = {

@@ -8,24 +8,29 @@
 A build fault (a broken Dockerfile) ends its platform at once: it would fail anywhere. A node fault
 (connection lost, agent killed, disk full) quarantines the node, with growing backoff, and sends
 the platform back to the scheduler without that node. Every platform carries on independently.
-Quarantined nodes are probed again when due, and come back when a probe passes.
+
+The nodes are the process's ``NodePool``: the health the loop reads and the faults it reports are
+the pool's, so a node that one build quarantined is avoided by every other build of the process
+until a probe of it passes, and the slots it books are seen by them all. Quarantined nodes are
+probed again (through the pool) when due; a platform waiting for a slot another build holds, or
+for a node another build is probing, looks again when the pool changes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from farm.errors import FarmError, NodeError, PlanError
-from farm.health import NodeHealth
-from farm.nodes import Node, probe
+from farm.nodes import Node
 from farm.platforms import Platform
-from farm.scheduler import Assign, Fail, History, Mode, NodeView, Policy, Request, Wait, decide
+from farm.pool import NodePool
+from farm.scheduler import Assign, Fail, History, Mode, Policy, Request, Wait, decide
 
-__all__ = ["Dispatch", "Outcome", "initial_health", "node_views"]
+__all__ = ["Dispatch", "Outcome"]
 
 RunPlatform = Callable[[Platform, Node, Mode, str], Coroutine[object, object, object]]
 Report = Callable[[Platform, str, str, str], None]  # platform, node, state, detail
@@ -37,70 +42,30 @@ class Outcome:
     failures: dict[Platform, FarmError] = field(default_factory=dict)
 
 
-def initial_health(node: Node, now: float) -> NodeHealth:
-    """A node's health after its first probe of this build."""
-    health = NodeHealth(node.name)
-    if node.drained:
-        health = health.apply("drain", now)
-    passed = node.facts is not None and node.problem is None
-    return health.apply("probe_passed" if passed else "probe_failed", now)
-
-
-def node_views(nodes: Sequence[Node], health: dict[str, NodeHealth], busy: dict[str, int]) -> list[NodeView]:
-    """The nodes as the scheduler sees them now (a node never probed cannot be placed)."""
-    views = []
-    for node in nodes:
-        if node.facts is None:
-            continue
-        try:
-            native, emulated = node.facts.native_platforms, node.facts.emulated_platforms
-        except FarmError:
-            continue  # a machine type farm cannot name
-        views.append(
-            NodeView(
-                name=node.name,
-                native=native,
-                emulated=emulated,
-                emulation_allowed=node.spec.emulation,
-                slots=node.spec.slots,
-                busy=busy.get(node.name, 0),
-                state=health[node.name].state,
-                labels=node.spec.labels,
-                speed=node.spec.speed,
-                back_at=health[node.name].back_at,
-            )
-        )
-    return views
-
-
 class Dispatch:
     """One build's platforms through the scheduler, with failover; every task owned here."""
 
     def __init__(
         self,
-        nodes: Sequence[Node],
+        pool: NodePool,
         policy: Policy,
         history: History,
         retries: int,
         run: RunPlatform,
         report: Report,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._nodes = {node.name: node for node in nodes}
+        self._pool = pool
         self._policy = policy
         self._history = history
         self._retries = retries
         self._run = run
         self._report = report
-        self._clock = clock
-        now = clock()
-        self.health = {node.name: initial_health(node, now) for node in nodes}
-        self._busy: dict[str, int] = {}
+        self._clock = pool.clock
         self._requests: dict[Platform, Request] = {}
         self._pending: set[Platform] = set()
         self._attempts: dict[Platform, int] = {}
         self._running: dict[asyncio.Task[object], tuple[Platform, str]] = {}
-        self._probing: dict[asyncio.Task[None], str] = {}
+        self._probing: dict[asyncio.Task[Node], str] = {}
         self._said: dict[Platform, str] = {}
         self._last_error: dict[Platform, NodeError] = {}
         self._outcome = Outcome()
@@ -116,14 +81,24 @@ class Dispatch:
                 if not self._running and not self._probing:
                     if not self._pending:
                         break
-                    if wake_at is None:
+                    # Nothing of this build runs and nothing is due: only a slot another build
+                    # gives back can still change the answer.
+                    if wake_at is None and not self._pool.busy:
                         self._give_up()
                         break
                 timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
-                tasks: list[asyncio.Task[Any]] = [*self._running, *self._probing]
-                done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    self._settle(task)
+                waiting: list[asyncio.Future[Any]] = [*self._running, *self._probing]
+                changed = self._pool.changed() if self._pending else None
+                if changed is not None:
+                    waiting.append(changed)
+                try:
+                    done, _ = await asyncio.wait(waiting, timeout=timeout, return_when="FIRST_COMPLETED")
+                finally:
+                    if changed is not None:
+                        changed.cancel()
+                for task in [*self._running, *self._probing]:
+                    if task in done:
+                        self._settle(task)
         finally:
             leftovers: list[asyncio.Task[Any]] = [*self._running, *self._probing]
             for task in leftovers:
@@ -137,7 +112,7 @@ class Dispatch:
         now = self._clock()
         wake_at: float | None = None
         for platform in [p for p in order if p in self._pending]:
-            views = node_views(list(self._nodes.values()), self.health, self._busy)
+            views = self._pool.views()
             decision = decide(self._requests[platform], views, self._policy, self._history, now)
             if isinstance(decision, Assign):
                 self._start(decision)
@@ -161,28 +136,39 @@ class Dispatch:
                 self._outcome.failures[platform] = error
                 self._report(platform, "-", "failed", error.message)
         if self._pending:
-            for name, health in self.health.items():
-                if health.due_for_probe(now) and name not in self._probing.values():
-                    self._probing[asyncio.create_task(self._reprobe(name))] = name
+            for node in self._pool.nodes:
+                if node.health.due_for_probe(now) and node.name not in self._probing.values():
+                    self._probing[asyncio.create_task(self._pool.probe(node.name))] = node.name
                 else:
-                    wake_at = _earliest(wake_at, health.back_at)
+                    wake_at = _earliest(wake_at, node.health.back_at)
         return wake_at
 
     def _start(self, decision: Assign) -> None:
-        platform = decision.platform
+        platform, name = decision.platform, decision.node
         self._pending.discard(platform)
-        self._busy[decision.node] = self._busy.get(decision.node, 0) + 1
-        self._report(platform, decision.node, "assigned", decision.reason)
-        work = self._run(platform, self._nodes[decision.node], decision.mode, decision.reason)
-        self._running[asyncio.create_task(work)] = (platform, decision.node)
+        self._report(platform, name, "assigned", decision.reason)
+        work = self._run(platform, self._pool.node(name), decision.mode, decision.reason)
+        task = asyncio.create_task(work)
+        self._pool.take(name)
+        task.add_done_callback(functools.partial(self._finished, name))
+        self._running[task] = (platform, name)
+
+    def _finished(self, node: str, task: asyncio.Task[Any]) -> None:
+        """A platform's work on ``node`` ended: the slot goes back to the pool, and a node fault
+        quarantines the node, at once and together. Another build must never find the slot free
+        and the node still up. A callback, so it runs however the task ends, even cancelled
+        before it began (its coroutine's own ``finally`` would never run then)."""
+        if not task.cancelled() and isinstance(task.exception(), NodeError):
+            self._pool.report(node, "build_failed_node_fault")
+        self._pool.release(node)
 
     def _settle(self, task: asyncio.Task[Any]) -> None:
         """A build or a probe ended: record it, or send the platform back to the scheduler."""
         if task in self._probing:
             del self._probing[task]
+            task.result()  # a probe keeps a node's failure in the pool: what escapes it is a bug
             return
         platform, node = self._running.pop(task)
-        self._busy[node] -= 1
         error = task.exception()
         if error is None:
             self._outcome.results[platform] = task.result()
@@ -191,8 +177,7 @@ class Dispatch:
             raise error
         self._attempts[platform] += 1
         if isinstance(error, NodeError):
-            self._last_error[platform] = error
-            self.health[node] = self.health[node].apply("build_failed_node_fault", self._clock())
+            self._last_error[platform] = error  # the node is quarantined already (``_finished``)
             if self._attempts[platform] <= self._retries:
                 self._report(platform, node, "retrying", f"{error.message}; trying another node")
                 request = self._requests[platform]
@@ -210,15 +195,6 @@ class Dispatch:
             reason = self._said.get(platform, "no node can take it")
             self._outcome.failures[platform] = PlanError(f"{platform}: {reason}")
         self._pending.clear()
-
-    async def _reprobe(self, name: str) -> None:
-        node = self._nodes[name]
-        node.problem = None
-        await probe(node)
-        passed = node.problem is None and node.facts is not None
-        self.health[name] = self.health[name].apply(
-            "probe_passed" if passed else "probe_failed", self._clock()
-        )
 
 
 def _earliest(current: float | None, candidate: float | None) -> float | None:

@@ -31,11 +31,12 @@ due for a probe at once, because whatever was done to it while cordoned is unkno
 Rule 5: an illegal event raises ``InputError`` and changes nothing (``NodeHealth`` is frozen;
 ``apply`` returns a new value or raises).
 
-What feeds it today: probe results and builds' node faults (``farm.dispatch``); sign of life
-from a build's events as ``heartbeat``, and the drained list as ``drain``/``undrain`` (``farm
-serve``). ``heartbeat_lost``, ``cordon`` and ``uncordon`` are part of the model (the scheduler and
-the metrics know ``cordoned``), but nothing produces them yet: a connection lost during a build
-arrives as a node fault, and no command cordons a node.
+What feeds it today: ``farm.pool``, the one owner of every node's health in a process, with probe
+results, builds' node faults (``farm.dispatch``), sign of life from a build's events as
+``heartbeat`` (``farm.build``), and the drained list as ``drain``/``undrain``. ``heartbeat_lost``,
+``cordon`` and ``uncordon`` are part of the model (the scheduler and the metrics know
+``cordoned``), but nothing produces them yet: a connection lost during a build arrives as a node
+fault, and no command cordons a node.
 """
 
 from __future__ import annotations

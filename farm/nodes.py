@@ -1,108 +1,100 @@
-"""The inventory's nodes as the coordinator works with them: reached and probed.
+"""One node as the coordinator works with it, and how a node is examined.
 
-``open_nodes`` gives every node of an inventory its transport (one SSH connection pool for all);
-``probe`` asks a node's agent what the node is and decides whether it can take work. Both
-``farm build`` and ``farm nodes check`` go through here, so they can never disagree about a node.
+``Node`` is a node of the inventory with its transport and what the process knows of it now:
+what its last probe found (facts, builder, problem), its health and the slots builds hold on it.
+``farm.pool.NodePool`` owns every ``Node`` of a process and is the only one to change them;
+``probe`` asks a node's agent what the node is and decides whether it can take work. Builds,
+``farm serve`` and ``farm nodes check`` all probe through the pool, so they can never disagree
+about a node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from farm.errors import FarmError, NodeError
-from farm.inventory import Inventory, NodeSpec
+from farm.health import NodeHealth
+from farm.inventory import NodeSpec
 from farm.nodefacts import NodeFacts
 from farm.session import open_session
-from farm.transport import LocalTransport, Transport
+from farm.transport import Transport
 
-__all__ = ["Node", "check_nodes", "containment_problem", "open_nodes", "probe"]
+__all__ = ["Node", "containment_problem", "examine", "probe"]
 
 
 @dataclass
 class Node:
     spec: NodeSpec
     transport: Transport
-    drained: bool = False
+    health: NodeHealth = field(init=False)  # changed by the pool alone
     facts: NodeFacts | None = None
     builder: str = ""
     problem: FarmError | None = None  # why the node cannot take work now
+    busy: int = 0  # slots the process's builds hold on it
+    probed_at: float | None = None  # epoch seconds when its last probe began
+    probes: int = 0  # probes finished (a probe asked for while one ran is answered by it)
+    probing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one probe at a time
     syncing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one context sync at a time
+
+    def __post_init__(self) -> None:
+        self.health = NodeHealth(self.spec.name)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def drained(self) -> bool:
+        return self.health.admin == "draining"
+
+    @property
     def usable(self) -> bool:
         return self.facts is not None and self.problem is None and not self.drained
 
 
-@contextlib.asynccontextmanager
-async def open_nodes(
-    inventory: Inventory, drained: frozenset[str] = frozenset()
-) -> AsyncIterator[list[Node]]:
-    """The inventory's nodes with their transports; SSH connections are closed on exit."""
-    connections = None
-    if not all(spec.local for spec in inventory.nodes):
-        # Imported only when needed: asyncssh takes a quarter of a second to import.
-        from farm.transport.ssh import SshConnections, SshTransport
-
-        connections = SshConnections()
-
-    def transport(spec: NodeSpec) -> Transport:
-        if spec.local:
-            return LocalTransport(spec)
-        assert connections is not None
-        return SshTransport(spec, connections)
-
-    nodes = [Node(spec, transport(spec), drained=spec.name in drained) for spec in inventory.nodes]
-    try:
-        yield nodes
-    finally:
-        if connections is not None:
-            await connections.close()
-
-
 async def probe(node: Node) -> None:
-    """Learn what the node is; a node that cannot be probed keeps the reason in ``problem``."""
+    """Learn what the node is; a node that cannot be probed keeps the reason in ``problem`` (and
+    the facts of its last good probe). Facts, builder and problem change together, at the end."""
     try:
         async with open_session(node.name, node.transport, node.spec.agent_workdir()) as session:
-            node.facts = await session.facts()
+            facts = await session.facts()
     except FarmError as exc:
         node.problem = exc
         return
-    facts = node.facts
+    node.facts = facts
+    node.builder, node.problem = examine(node.spec, facts)
+
+
+def examine(spec: NodeSpec, facts: NodeFacts) -> tuple[str, NodeError | None]:
+    """The builder a node with these facts uses, or why it cannot take work."""
     try:
         native = facts.native_platform
     except FarmError as exc:
-        node.problem = NodeError(f"{node.name}: {exc.message}", node=node.name)
-        return
-    if node.spec.platforms is not None and native not in node.spec.platforms:
-        node.problem = NodeError(
-            f"{node.name}: the inventory says it builds {', '.join(map(str, node.spec.platforms))} "
+        return "", NodeError(f"{spec.name}: {exc.message}", node=spec.name)
+    if spec.platforms is not None and native not in spec.platforms:
+        return "", NodeError(
+            f"{spec.name}: the inventory says it builds {', '.join(map(str, spec.platforms))} "
             f"natively, but the node is {native}",
-            node=node.name,
+            node=spec.name,
             hint="fix 'platforms' for this node, or drop it to use what the node reports",
         )
-        return
-    node.problem = containment_problem(node.spec, facts)
-    if node.problem is not None:
-        return
-    wanted = node.spec.builder
+    problem = containment_problem(spec, facts)
+    if problem is not None:
+        return "", problem
+    wanted = spec.builder
     available = facts.builders
     if wanted == "auto":
-        node.builder = available[0] if available else ""
-    elif wanted in available:
-        node.builder = wanted
-    if not node.builder:
-        node.problem = NodeError(
-            f"{node.name}: builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})",
-            node=node.name,
+        builder = available[0] if available else ""
+    else:
+        builder = wanted if wanted in available else ""
+    if not builder:
+        return "", NodeError(
+            f"{spec.name}: builder {wanted!r} is not usable there (found: {', '.join(available) or 'none'})",
+            node=spec.name,
             hint="install buildah, podman or docker on the node, or set 'builder' to one it has",
         )
+    return builder, None
 
 
 def containment_problem(spec: NodeSpec, facts: NodeFacts) -> NodeError | None:
@@ -138,15 +130,3 @@ def containment_problem(spec: NodeSpec, facts: NodeFacts) -> NodeError | None:
             "uidmap (deploy/node/setup-node.sh does both)",
         )
     return None
-
-
-async def check_nodes(inventory: Inventory, drained: frozenset[str], names: tuple[str, ...]) -> list[Node]:
-    """Probe the inventory's nodes (or only ``names``) in parallel."""
-    async with open_nodes(inventory, drained) as nodes:
-        chosen = [node for node in nodes if not names or node.name in names]
-        # ``probe`` keeps a node's failure in ``problem``: whatever escapes it is a bug (or a
-        # cancellation), and stops the other probes before the connections close under them.
-        async with asyncio.TaskGroup() as probes:
-            for node in chosen:
-                probes.create_task(probe(node))
-        return chosen

@@ -1,7 +1,7 @@
 """``farm serve``, the long-lived coordinator of a shared lab, and its client ``farm build --server``.
 
 app.py          the HTTP API (aiohttp), the token, the server's life
-coordinator.py  the queue, the builds it runs (farm.build.run_build), the nodes it watches
+coordinator.py  the queue, the builds it runs (farm.build.run_build), its node pool (farm.pool)
 queue.py        fair between submitters                                         (pure)
 history.py      every build and platform, in SQLite in the state folder
 state.py        the state folder: token, lock, history, content store

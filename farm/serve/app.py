@@ -369,7 +369,7 @@ class _Api:
         }
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        nodes = [self.c.node_json(status) for status in self.c.nodes.values()]
+        nodes = self.c.nodes_json()
         html = render_status(self._server(), nodes, self.c.builds(30))
         return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
@@ -458,7 +458,7 @@ class _Api:
         return web.json_response(await self.c.cancel(request.match_info["id"], by))
 
     async def nodes(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"nodes": [self.c.node_json(status) for status in self.c.nodes.values()]})
+        return web.json_response({"nodes": self.c.nodes_json()})
 
     async def drain(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.c.set_drained(request.match_info["name"], True))

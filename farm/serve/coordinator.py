@@ -1,20 +1,31 @@
 """The server's coordinator: one queue for every client, the builds it runs, the nodes it watches.
 
     submit ─► history row (queued) ─► FairQueue ─► dispatcher: at most ``max_builds`` at once
-          ─► BuildRequest (the context as the store holds it) ─► farm.build.run_build
+          ─► BuildRequest (the context as the store holds it) ─► farm.build.run_build(…, pool)
           ─► its outcome (pushed, partial, failed, cancelled) ─► history row (ended), last stream line
                                  │ each PlatformEvent
-                                 └─► the build's event stream, the node's heartbeat, metrics
+                                 └─► the build's event stream, metrics
+
+    NodePool (farm.pool), one for the server's life ◄── every build: probes due, faults, heartbeats,
+      │                                                  the slots it holds
+      ├── the prober: every ``probe_interval``, the nodes up or due; the drained list
+      └── /api/nodes, the status page, the metrics: the same health, facts and slots
+
+The nodes are one ``NodePool``: its SSH connections (one per node) live as long as the server, so
+after the first probes no build makes a handshake; every build reads and feeds the same health, so
+a node one build quarantined is avoided by the next until its probe passes, and the status page
+shows what the builds see. The coordinator keeps no node state of its own.
 
 Every task is owned by the coordinator's TaskGroup: the dispatcher, the prober and each running
 build. A build's failure, whatever it is, ends that build only (``_run_job`` is the one place that
-records it); stopping the server stops every build on every node, as Ctrl-C does for a local build.
-How a build ended is one ``farm.api.Outcome``: its exit code is the one the history keeps and the
-one every client following the build exits with.
+records it); stopping the server stops every build on every node, as Ctrl-C does for a local build,
+then closes the pool's connections. How a build ended is one ``farm.api.Outcome``: its exit code is
+the one the history keeps and the one every client following the build exits with.
 
-Node slots are held by the agents on the nodes (``agent.slots``), so builds of this server, of
-other servers and of plain ``farm build`` runs share them fairly; ``max_builds`` bounds how many
-builds this server drives at once (default: the inventory's slots in all).
+The pool books the slots this server's builds hold, so the scheduler sees them across builds; the
+agents on the nodes hold the nodes' slots (``agent.slots``), so builds of this server, of other
+servers and of plain ``farm build`` runs share them fairly. ``max_builds`` bounds how many builds
+this server drives at once (default: the inventory's slots in all).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import time
 import traceback
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +51,7 @@ from farm.api import (
     BuildRequest,
     BuildResult,
     Cancelled,
+    EventSink,
     Failed,
     LogLine,
     Outcome,
@@ -51,7 +63,6 @@ from farm.api import (
     Reused,
     Syncing,
     Verifying,
-    Waiting,
     outcome_of,
 )
 from farm.build import dry_run as plan_build
@@ -61,18 +72,17 @@ from farm.errors import (
     BuildFailedError,
     FarmError,
     InputError,
-    NodeError,
     ServerBugError,
     ServerError,
     bug_in,
     error_leaves,
 )
-from farm.health import NodeHealth
-from farm.inventory import Inventory, NodeSpec
+from farm.inventory import Inventory
 from farm.metrics import FarmSnapshot, Metrics, NodeSnapshot
 from farm.nodefacts import NodeFacts
-from farm.nodes import Node, probe
+from farm.nodes import Node
 from farm.platforms import KNOWN_PLATFORMS, Platform, parse_platform
+from farm.pool import NodePool
 from farm.scheduler import Decision
 from farm.serve.contexts import ContextStore, check_digest
 from farm.serve.history import INTERRUPTED_QUEUED, INTERRUPTED_RUNNING, BuildRow, PlatformRow
@@ -80,17 +90,20 @@ from farm.serve.queue import FairQueue
 from farm.serve.registries import RegistryPolicy
 from farm.serve.state import StateFolder
 from farm.serve.wire import event_to_json, result_to_json
-from farm.transport import LocalTransport, Transport
 
-__all__ = ["Coordinator", "CoordinatorOptions", "Job"]
+__all__ = ["BuildFunction", "Coordinator", "CoordinatorOptions", "Job"]
 
 log = logging.getLogger("farm.serve")
 
 _KEEP_FINISHED = 32  # finished builds whose full event stream stays in memory
 _MAX_LOG_LINES = 20_000  # log lines kept per build (its state events are always kept)
 _PING_SECONDS = 15.0  # an idle event stream says it is alive this often
-_PROBE_TIMEOUT = 60.0
+_PROBE_TIMEOUT = 60.0  # seconds a probe may take before the node counts as down
 _MAX_SUBMITTER = 128  # characters of a submitter's name (the queue's lanes, the history)
+
+
+# How the server builds: ``farm.build.run_build``; tests give their own.
+BuildFunction = Callable[[BuildRequest, NodePool, EventSink], Awaitable[BuildResult]]
 
 
 class CoordinatorOptions(BaseModel):
@@ -114,7 +127,6 @@ class LivePlatform:
     mode: str | None = None
     started: float | None = None  # monotonic: when its current attempt began building
     seconds: float | None = None
-    holding: str | None = None  # the node whose slot it holds now
     attempt_open: bool = False  # counted as started in the metrics, not yet as finished
     digest: str | None = None
     error: str | None = None
@@ -188,29 +200,6 @@ class Job:
         }
 
 
-@dataclass
-class NodeStatus:
-    spec: NodeSpec
-    health: NodeHealth
-    facts: NodeFacts | None = None
-    builder: str = ""
-    problem: str | None = None
-    probed_at: float | None = None  # epoch seconds of the last probe
-
-    @property
-    def platform(self) -> str:
-        if self.facts is None:
-            return "unknown"
-        try:
-            return str(self.facts.native_platform)
-        except FarmError:
-            return "unknown"
-
-    def heartbeat_age(self, now: float) -> float | None:
-        seen = self.health.last_seen
-        return None if seen is None else max(0.0, now - seen)
-
-
 class Coordinator:
     def __init__(
         self,
@@ -219,6 +208,9 @@ class Coordinator:
         options: CoordinatorOptions,
         version: str,
         registries: RegistryPolicy,
+        *,
+        pool: NodePool | None = None,
+        build: BuildFunction = run_build,
     ) -> None:
         self.inventory = inventory
         self.state = state
@@ -229,7 +221,11 @@ class Coordinator:
         self.contexts = ContextStore(state.store, options.store_limit, needed=self._needed)
         self.queue = FairQueue()
         self.jobs: dict[str, Job] = {}
-        self.nodes = {spec.name: NodeStatus(spec, NodeHealth(spec.name)) for spec in inventory.nodes}
+        # The only node state the server has: builds, the prober, the API and the metrics read it.
+        self.pool = pool or NodePool(
+            inventory, probe_timeout=_PROBE_TIMEOUT, on_ssh_connect=self._ssh_connected
+        )
+        self._run_build = build
         self.max_builds = options.max_builds or max(1, sum(spec.slots for spec in inventory.nodes))
         self._finished: deque[str] = deque()
         self._running = 0
@@ -241,12 +237,13 @@ class Coordinator:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Coordinator]:
-        """Recover the history, then run the dispatcher and the prober until the block ends."""
+        """Recover the history, then run the dispatcher and the prober until the block ends; the
+        pool's connections close once every build has stopped."""
         interrupted = self.history.recover(time.time())
         if interrupted:
             log.warning("marked %d build(s) a previous run left unfinished as failed", len(interrupted))
         self._reconcile_drain()
-        async with asyncio.TaskGroup() as tasks:
+        async with self.pool, asyncio.TaskGroup() as tasks:
             dispatcher = tasks.create_task(self._dispatch(tasks))
             prober = tasks.create_task(self._probe_forever())
             try:
@@ -300,9 +297,9 @@ class Coordinator:
         check_digest(context)
         checked = self._check_options(options)
         builds = set(KNOWN_PLATFORMS)
-        for status in self.nodes.values():
-            if status.facts is not None:
-                builds |= _native_platforms(status.facts)
+        for node in self.pool.nodes:
+            if node.facts is not None:
+                builds |= _native_platforms(node.facts)
         await asyncio.to_thread(self._check_dockerfile, checked, dockerfile, sorted(builds))
         if self._stopping:
             raise ServerError("the server is stopping", status=503, hint="submit again once it is back")
@@ -343,7 +340,8 @@ class Coordinator:
     async def plan(self, options: dict[str, Any]) -> list[Decision]:
         """What a build with these options would do now (``farm build --dry-run``)."""
         checked = self._check_options(options)
-        return await plan_build(checked, self.inventory, self.state.drain.load())
+        self.pool.set_drained(self.state.drain.load())
+        return await plan_build(checked, self.pool)
 
     def _check_options(self, options: dict[str, Any]) -> BuildOptions:
         """The options as ``run_build`` will get them, refused now if they cannot be."""
@@ -427,8 +425,8 @@ class Coordinator:
     async def _build(self, job: Job) -> BuildResult:
         async with self.contexts.context(job.context) as context:
             request = BuildRequest(BuildOptions.model_validate(job.options), context, job.dockerfile)
-            drained = self.state.drain.load()
-            return await run_build(request, self.inventory, lambda e: self._on_event(job, e), drained)
+            self.pool.set_drained(self.state.drain.load())
+            return await self._run_build(request, self.pool, lambda e: self._on_event(job, e))
 
     @staticmethod
     def _as_farm_error(job: Job, exc: Exception) -> FarmError:
@@ -503,7 +501,6 @@ class Coordinator:
         missing = result.missing if result else {}
         for name in job.platform_names:
             live = job.platforms.setdefault(name, LivePlatform(name))
-            live.holding = None
             if name in rows:
                 continue
             if live.attempt_open:
@@ -528,10 +525,11 @@ class Coordinator:
         return [rows[name] for name in job.platform_names if name in rows]
 
     def _on_event(self, job: Job, event: PlatformEvent) -> None:
-        """One event of a running build: its stream, its platform, its node, the metrics."""
+        """One event of a running build: its stream, its platform, the metrics (what it says of its
+        node, the build told the pool itself)."""
         name = str(event.platform)
         live = job.platforms.setdefault(name, LivePlatform(name))
-        node = event.node if event.node in self.nodes else None
+        node = event.node if event.node in self.pool else None
         if isinstance(event, LogLine):
             job.log_lines += 1
             if job.log_lines > _MAX_LOG_LINES:
@@ -541,11 +539,9 @@ class Coordinator:
                 return
         else:
             live.state = event.state
-        if node is not None and not isinstance(event, Reused | Waiting):
-            self._heard_from(node)
         match event:
             case Assigned():
-                live.node, live.holding, live.mode, live.seconds = node, node, None, None
+                live.node, live.mode, live.seconds = node, None, None
             case Syncing(sent=sent) if sent is not None:
                 self.metrics.context_synced(sent.sent_bytes, sent.skipped_bytes)
             case Building(mode=mode):
@@ -557,30 +553,26 @@ class Coordinator:
                 if mode == "emulated":
                     self.metrics.emulation_fallback(name, self._fallback_reason(name))
             case Verifying():
-                live.holding = None
                 if live.started is not None:
                     live.seconds = time.monotonic() - live.started
             case PlatformFailed() | Retrying():
-                live.holding = None
                 if live.attempt_open:
                     self.metrics.platform_finished(name, live.mode or "native", "failure")
                     live.attempt_open = False
-                if isinstance(event, Retrying) and node is not None:
-                    self._apply(node, "build_failed_node_fault")
             case Reused():
-                live.node, live.holding = event.node, None
+                live.node = event.node
         job.emit({"type": "event", **event_to_json(event)})
 
     def _fallback_reason(self, platform: str) -> str:
         """Why a platform is emulated, from what the server knows of its nodes."""
         native = [
-            status
-            for status in self.nodes.values()
-            if status.facts is not None and platform in {str(p) for p in _native_platforms(status.facts)}
+            node
+            for node in self.pool.nodes
+            if node.facts is not None and platform in {str(p) for p in _native_platforms(node.facts)}
         ]
         if not native:
             return "no_native_node"
-        if any(status.health.state == "up" for status in native):
+        if any(node.health.state == "up" for node in native):
             return "native_busy"
         return "native_unavailable"
 
@@ -641,77 +633,60 @@ class Coordinator:
 
     # --- nodes ------------------------------------------------------------------------------------------
 
-    def node(self, name: str) -> NodeStatus:
-        status = self.nodes.get(name)
-        if status is None:
+    def node(self, name: str) -> Node:
+        if name not in self.pool:
             raise ServerError(f"no node named {name!r} in {self.inventory.source}", status=404)
-        return status
+        return self.pool.node(name)
+
+    def nodes_json(self) -> list[dict[str, Any]]:
+        """Every node as ``/api/nodes`` and the status page show it, in inventory order."""
+        return [self.node_json(node) for node in self.pool.nodes]
 
     def set_drained(self, name: str, drained: bool) -> dict[str, Any]:
-        self.node(name)
+        node = self.node(name)
         self.state.drain.set(name, drained)
         self._reconcile_drain()
-        return self.node_json(self.nodes[name])
+        return self.node_json(node)
 
-    def node_json(self, status: NodeStatus) -> dict[str, Any]:
-        now = time.monotonic()
-        age = status.heartbeat_age(now)
+    def node_json(self, node: Node) -> dict[str, Any]:
+        age = _heartbeat_age(node, self.pool.clock())
         try:
-            emulated = sorted(str(p) for p in status.facts.emulated_platforms) if status.facts else []
+            emulated = sorted(str(p) for p in node.facts.emulated_platforms) if node.facts else []
         except FarmError:
             emulated = []
         return {
-            "name": status.spec.name,
-            "address": "local" if status.spec.local else status.spec.host,
-            "state": status.health.state,
-            "platform": status.platform,
+            "name": node.name,
+            "address": "local" if node.spec.local else node.spec.host,
+            "state": node.health.state,
+            "platform": _platform(node),
             "emulates": emulated,
-            "slots": status.spec.slots,
-            "busy": self._busy().get(status.spec.name, 0),
+            "slots": node.spec.slots,
+            "busy": node.busy,
             "heartbeat_age": age,
             "last_seen": None if age is None else time.time() - age,
-            "probed_at": status.probed_at,
-            "builder": status.builder or None,
-            "problem": status.problem,
-            "labels": dict(status.spec.labels),
+            "probed_at": node.probed_at,
+            "builder": node.builder or None,
+            "problem": node.problem.message if node.problem is not None else None,
+            "labels": dict(node.spec.labels),
         }
 
-    def _busy(self) -> dict[str, int]:
-        busy: dict[str, int] = {}
-        for job in self.jobs.values():
-            if job.state != "running":
-                continue
-            for live in job.platforms.values():
-                if live.holding is not None:
-                    busy[live.holding] = busy.get(live.holding, 0) + 1
-        return busy
-
     def snapshot(self) -> FarmSnapshot:
-        now = time.monotonic()
-        busy = self._busy()
+        now = self.pool.clock()
         return FarmSnapshot(
             nodes=tuple(
                 NodeSnapshot(
-                    name=name,
-                    state=status.health.state,
-                    platform=status.platform,
-                    slots=status.spec.slots,
-                    busy=busy.get(name, 0),
-                    heartbeat_age=status.heartbeat_age(now),
+                    name=node.name,
+                    state=node.health.state,
+                    platform=_platform(node),
+                    slots=node.spec.slots,
+                    busy=node.busy,
+                    heartbeat_age=_heartbeat_age(node, now),
                 )
-                for name, status in self.nodes.items()
+                for node in self.pool.nodes
             ),
             queue_length=len(self.queue),
             builds_running=self._running,
         )
-
-    def _heard_from(self, name: str) -> None:
-        self._apply(name, "heartbeat")
-
-    def _apply(self, name: str, event: Any) -> None:
-        status = self.nodes[name]
-        if status.health.accepts(event):
-            status.health = status.health.apply(event, time.monotonic())
 
     def _reconcile_drain(self) -> None:
         """Follow the drained list (changed by the API or by ``farm nodes drain`` alike)."""
@@ -720,11 +695,7 @@ class Coordinator:
         except InputError as exc:
             log.warning("%s", exc.message)
             return
-        for name, status in self.nodes.items():
-            if name in drained and status.health.admin == "active":
-                self._apply(name, "drain")
-            elif name not in drained and status.health.admin == "draining":
-                self._apply(name, "undrain")
+        self.pool.set_drained(drained)
 
     async def _probe_forever(self) -> None:
         while True:
@@ -735,61 +706,15 @@ class Coordinator:
             await asyncio.sleep(self.options.probe_interval)
 
     async def probe_nodes(self) -> None:
-        """Probe every node not cordoned nor held back, concurrently; time SSH connections."""
+        """Probe, concurrently, every node up or due (not cordoned nor held back)."""
         self._reconcile_drain()
-        now = time.monotonic()
-        due = [status for status in self.nodes.values() if _due(status.health, now)]
-        if not due:
-            return
-        connections = None
-        if not all(status.spec.local for status in due):
-            from farm.transport.ssh import SshConnections  # asyncssh only when a node needs it
+        await self.pool.refresh(watch=True)
 
-            connections = SshConnections()
-        try:
-            async with asyncio.TaskGroup() as probes:
-                for status in due:
-                    probes.create_task(self._probe_one(status, connections))
-        finally:
-            if connections is not None:
-                await connections.close()
-
-    async def _probe_one(self, status: NodeStatus, connections: Any) -> None:
-        spec = status.spec
-        status.probed_at = time.time()
-        transport: Transport
-        try:
-            async with asyncio.timeout(_PROBE_TIMEOUT):
-                if spec.local:
-                    transport = LocalTransport(spec)
-                else:
-                    from farm.transport.ssh import SshTransport
-
-                    started = time.monotonic()
-                    try:
-                        await connections.connection(spec)
-                    except NodeError:
-                        self.metrics.ssh_failed(spec.name)
-                        raise
-                    self.metrics.ssh_connected(spec.name, time.monotonic() - started)
-                    transport = SshTransport(spec, connections)
-                node = Node(spec, transport, drained=status.health.admin == "draining")
-                await probe(node)
-        except FarmError as exc:
-            self._probed(status, None, "", exc.message)
-            return
-        except TimeoutError:
-            self._probed(status, None, "", f"{spec.name}: no answer to a probe within {_PROBE_TIMEOUT:.0f} s")
-            return
-        problem = node.problem.message if node.problem is not None else None
-        self._probed(status, node.facts, node.builder, problem)
-
-    def _probed(self, status: NodeStatus, facts: NodeFacts | None, builder: str, problem: str | None) -> None:
-        if facts is not None:
-            status.facts = facts
-        status.builder = builder or status.builder
-        status.problem = problem
-        self._apply(status.spec.name, "probe_failed" if problem or facts is None else "probe_passed")
+    def _ssh_connected(self, node: str, seconds: float | None) -> None:
+        if seconds is None:
+            self.metrics.ssh_failed(node)
+        else:
+            self.metrics.ssh_connected(node, seconds)
 
 
 def _normalized_platforms(value: Any) -> list[Platform]:
@@ -816,11 +741,19 @@ def _normalized_platforms(value: Any) -> list[Platform]:
     return platforms
 
 
-def _due(health: NodeHealth, now: float) -> bool:
-    """Probe it now? Not while cordoned, nor while held back after a failure."""
-    if health.admin == "cordoned":
-        return False
-    return health.health == "up" or health.back_at is None or now >= health.back_at
+def _platform(node: Node) -> str:
+    """The node's native platform, "unknown" before its first probe."""
+    if node.facts is None:
+        return "unknown"
+    try:
+        return str(node.facts.native_platform)
+    except FarmError:
+        return "unknown"
+
+
+def _heartbeat_age(node: Node, now: float) -> float | None:
+    seen = node.health.last_seen
+    return None if seen is None else max(0.0, now - seen)
 
 
 def _native_platforms(facts: NodeFacts) -> frozenset[Any]:

@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import random
 import shlex
+import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from farm.paths import FARM_KNOWN_HOSTS, USER_KNOWN_HOSTS
 from farm.transport.bundle import answer_stage_one, stage_one_argv
 
 __all__ = [
+    "ConnectObserver",
     "HostKey",
     "SessionSlots",
     "SshConnections",
@@ -193,11 +195,22 @@ class _Node:
     link: _Link | None = None
 
 
-class SshConnections:
-    """The SSH connections of one coordinator: one per node, reused, reconnected when lost."""
+# Told of every connection made (the node, the seconds it took) or failed (the node, None).
+ConnectObserver = Callable[[str, "float | None"], None]
 
-    def __init__(self, known_hosts: Path = FARM_KNOWN_HOSTS) -> None:
+
+class SshConnections:
+    """The SSH connections of one coordinator: one per node, reused, reconnected when lost.
+
+    ``on_connect`` hears of each connection made (with the seconds its handshakes took, retries
+    included) or given up on (None): ``farm serve`` times them for its metrics.
+    """
+
+    def __init__(
+        self, known_hosts: Path = FARM_KNOWN_HOSTS, on_connect: ConnectObserver | None = None
+    ) -> None:
         self._known_hosts = known_hosts
+        self._on_connect = on_connect
         self._handshakes = asyncio.Semaphore(MAX_HANDSHAKES)
         self._nodes: dict[str, _Node] = {}
 
@@ -214,8 +227,20 @@ class SshConnections:
             if entry.link is None or entry.link.connection.is_closed():
                 # Slots of its own: sessions of the lost connection give theirs back as they end,
                 # never holding this one's.
-                entry.link = _Link(await self._connect_with_retries(spec))
+                entry.link = _Link(await self._connect_observed(spec))
             return entry.link.connection, entry.link.slots
+
+    async def _connect_observed(self, spec: NodeSpec) -> asyncssh.SSHClientConnection:
+        started = time.monotonic()
+        try:
+            connection = await self._connect_with_retries(spec)
+        except NodeError:
+            if self._on_connect is not None:
+                self._on_connect(spec.name, None)
+            raise
+        if self._on_connect is not None:
+            self._on_connect(spec.name, time.monotonic() - started)
+        return connection
 
     async def _connect_with_retries(self, spec: NodeSpec) -> asyncssh.SSHClientConnection:
         for attempt in range(_CONNECT_ATTEMPTS):
