@@ -76,9 +76,20 @@ class Cancelled(Exception):
     pass
 
 
-# Every builder command runs under this guard, the leader of the command's own process group. The
-# kernel signals the guard when the agent dies, even by SIGKILL (PR_SET_PDEATHSIG), and the guard
-# then kills the whole group: a killed agent leaves no builder behind either.
+# A killed agent, even by SIGKILL, leaves no builder behind. Every builder command leads a process
+# group of its own (cancelling kills the group) and gets SIGKILL from the kernel when the agent dies
+# (PR_SET_PDEATHSIG, set by ``setpriv`` from util-linux before it execs the command; strictly, when
+# the agent's thread that started it ends: ``Runner.run`` waits in that thread). ``sh`` then checks
+# that its parent is still the agent, as the signal would not come if the agent died before it was
+# set, and execs the command: no process stays around it. The signal reaches the command alone, not
+# what it starts: rootless buildah re-execs itself into its user namespace with a parent-death
+# signal of its own, and a contained build's PID namespace is tied to its parent the same way (see
+# ``_contained``), the namespace's end ending everything in it.
+_IF_PARENT = 'test "$PPID" = "$0" && exec "$@"'
+
+# Where setpriv cannot set a parent-death signal (util-linux before 2.33, or none), a Python guard
+# does the same for the whole process group: the kernel signals it when the agent dies and it kills
+# the group. It costs a Python start per command (about 20 ms of CPU).
 _GUARD = """\
 import ctypes, os, signal, subprocess, sys
 def kill_group(*_):
@@ -94,6 +105,37 @@ if code < 0:  # die of the same signal, so that the agent sees how the builder e
     os.kill(os.getpid(), -code)
 sys.exit(code)
 """
+
+_setpriv_probe: list[str | None] = []
+
+
+def _setpriv() -> str | None:
+    """``setpriv``, if it can give a command a parent-death signal here; asked once per agent."""
+    if not _setpriv_probe:
+        found = shutil.which("setpriv")
+        if found is not None:
+            try:
+                probe = subprocess.run(
+                    [found, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", ":"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=30,
+                )
+                if probe.returncode != 0:
+                    found = None
+            except (OSError, subprocess.TimeoutExpired):
+                found = None
+        _setpriv_probe.append(found)
+    return _setpriv_probe[0]
+
+
+def _tied_to_agent(argv: list[str]) -> list[str]:
+    """``argv``, to be killed by the kernel when the agent dies (see ``_IF_PARENT``)."""
+    setpriv = _setpriv()
+    if setpriv is None:
+        return [sys.executable, "-I", "-c", _GUARD, str(os.getpid()), *argv]
+    return [setpriv, "--pdeathsig", "KILL", "--", "/bin/sh", "-c", _IF_PARENT, str(os.getpid()), *argv]
 
 
 class Runner:
@@ -113,7 +155,7 @@ class Runner:
             if self._cancelled:
                 raise Cancelled()
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-c", _GUARD, str(os.getpid()), *argv],
+                _tied_to_agent(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -243,49 +285,49 @@ def _build_with_containers_tools(spec: BuildSpec, runner: Runner) -> None:
         build += ["--network", "ns:" + _NETNS_PLACEHOLDER, "--dns", _SLIRP_DNS]
     else:
         build += ["--network", network]
-    build += [*_common_build_flags(spec, iidfile), spec.context_dir]
+    cache = _export_blob_cache(spec.builder, spec.workdir)
+    cache_flags = ["--blob-cache", cache] if cache is not None else []
+    build += [*cache_flags, *_common_build_flags(spec, iidfile), spec.context_dir]
     build = _contained(base, build, private_network=network == "default")
     # Builds share the store; tidying it takes it alone (see tidy_store).
     with _storage_lock(spec.workdir, exclusive=False):
         runner.run(build, env)
         # The image stays in the store: its layers are the cache of the next build of this context.
-        runner.run([*base, "push", "--quiet", _read(iidfile), "oci:" + spec.layout_dir], env, quiet=True)
+        push = [*base, "push", "--quiet", *cache_flags, _read(iidfile), "oci:" + spec.layout_dir]
+        runner.run(push, env, quiet=True)
+    if cache is not None:
+        _drop_uncompressed_copies(cache, spec.layout_dir)
 
 
-# Run as ``python3 -I -c _PRIVATE_NETWORK SLIRP4NETNS BUILDER-ARGV...``: a network namespace held
-# open by a child, slirp4netns giving it outbound access (and no way to the node's loopback), then
-# the builder with the namespace's path in place of the placeholder. Rootless, this runs inside
-# ``buildah unshare``: the namespace then belongs to the user namespace the builder runs in, the
-# only one whose RUN steps may join it. Everything here is in the guard's process group, so a
-# killed build takes the holder and slirp4netns with it.
+# Run as ``sh -c _PRIVATE_NETWORK farm-network SLIRP4NETNS BUILDER-ARGV...``, as the first process
+# of the build's PID namespace: a network namespace held open by a child, slirp4netns giving it
+# outbound access (and no way to the node's loopback), then the builder with the namespace's path
+# in place of the placeholder. Each step waits for the one before to say it is ready: the holder
+# prints its process id from inside its new namespace (nothing if ``unshare`` failed), slirp4netns
+# writes "1" to its ready descriptor once the namespace has its network and closes it (or exits
+# without). When this script ends the namespace's other processes, holder and slirp4netns
+# included, end with it. Rootless, this runs inside ``buildah unshare``: the namespace then belongs
+# to the user namespace the builder runs in, the only one whose RUN steps may join it.
 _NETNS_PLACEHOLDER = "@FARM-NETNS@"
-_PRIVATE_NETWORK = """import os, subprocess, sys
-slirp, command = sys.argv[1], sys.argv[2:]
-holder = subprocess.Popen(
-    ["unshare", "--net", "--", sys.executable, "-I", "-c",
-     "import sys; print('ready', flush=True); sys.stdin.read()"],
-    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-)
-if holder.stdout.readline() != b"ready\\n":
-    sys.stderr.write("farm: cannot create the build's network namespace (unshare --net failed)\\n")
-    sys.exit(125)
-ready_read, ready_write = os.pipe()
-network = subprocess.Popen(
-    [slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--ready-fd=%d" % ready_write,
-     str(holder.pid), "tap0"],
-    stdout=subprocess.DEVNULL, pass_fds=(ready_write,),
-)
-os.close(ready_write)
-if os.read(ready_read, 1) != b"1":
-    sys.stderr.write("farm: slirp4netns could not give the build its network\\n")
-    sys.exit(125)
-namespace = "/proc/%d/ns/net" % holder.pid
-code = subprocess.call([part.replace("@FARM-NETNS@", namespace) for part in command])
-network.terminate()
-holder.stdin.close()
-network.wait()
-holder.wait()
-sys.exit(code if code >= 0 else 128 - code)
+_PRIVATE_NETWORK = """slirp=$1
+shift
+holder=$(unshare --net -- /bin/sh -c 'echo $$; exec sleep 2147483647 >/dev/null' </dev/null &)
+if [ -z "$holder" ]; then
+  echo "farm: cannot create the build's network namespace (unshare --net failed)" >&2
+  exit 125
+fi
+ready=$("$slirp" --configure --mtu=65520 --disable-host-loopback --ready-fd=3 "$holder" tap0 \\
+  3>&1 >/dev/null </dev/null &)
+if [ "$ready" != 1 ]; then
+  echo "farm: slirp4netns could not give the build its network" >&2
+  exit 125
+fi
+for part do
+  shift
+  [ "$part" = ns:@FARM-NETNS@ ] && part=ns:/proc/$holder/ns/net
+  set -- "$@" "$part"
+done
+"$@"
 """
 
 
@@ -294,18 +336,24 @@ def _contained(store: list[str], build: list[str], private_network: bool) -> lis
     rootless, in the builder's user namespace.
 
     The PID namespace is what makes a killed build end whole: runc starts each RUN step in a
-    session of its own, out of reach of the guard's process group, but when the namespace's first
-    process dies (``--kill-child``: when ``unshare`` does) the kernel kills everything in it,
-    RUN steps included. Its mounts end with it too."""
+    session of its own, out of reach of the command's process group, but when the namespace's
+    first process dies (``--kill-child``: when ``unshare`` does) the kernel kills everything in it,
+    RUN steps included. Its mounts end with it too. Rootless, ``unshare`` is the child of
+    ``buildah unshare``'s process in the user namespace, not of the agent: it gets a parent-death
+    signal of its own, so that the agent's death (which ends ``buildah unshare``, which ends that
+    process) reaches it."""
     if private_network:
         slirp = shutil.which("slirp4netns")
         if slirp is None:
             raise BuilderFailed("this node lacks slirp4netns, which gives RUN steps a private network", [])
-        build = [sys.executable, "-I", "-c", _PRIVATE_NETWORK, slirp, *build]
+        build = ["/bin/sh", "-c", _PRIVATE_NETWORK, "farm-network", slirp, *build]
     build = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--", *build]
     if os.geteuid() == 0:
         return build
-    return [*store, "unshare", "--", *build]
+    setpriv = _setpriv()
+    # Without setpriv, the Python guard kills the whole process group, this process included.
+    tied = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv is not None else []
+    return [*store, "unshare", "--", *tied, *build]
 
 
 def oci_runtime() -> str | None:
@@ -320,14 +368,19 @@ def private_network_ready() -> bool:
 
 def storage_command(builder: str, workdir: str) -> list[str]:
     """``buildah``/``podman`` with the agent's own store in its workdir, never the node's."""
-    driver = storage_driver(workdir)
-    storage = os.path.join(workdir, "storage", f"{builder}-{driver}")
+    storage, driver = _storage(builder, workdir)
     return [
         builder,
         "--root", os.path.join(storage, "root"),
         "--runroot", os.path.join(storage, "run"),
         "--storage-driver", driver,
     ]  # fmt: skip
+
+
+def _storage(builder: str, workdir: str) -> tuple[str, str]:
+    """The folder of the builder's store in ``workdir``, and its storage driver."""
+    driver = storage_driver(workdir)
+    return os.path.join(workdir, "storage", f"{builder}-{driver}"), driver
 
 
 def storage_driver(workdir: str) -> str:
@@ -429,12 +482,111 @@ def tidy_store(builder: str, workdir: str, runner: Runner, min_free: int) -> Non
     with _storage_lock(workdir, exclusive=True, wait=short) as alone:
         if not alone:
             return
-        if runner.run(
+        # The store's own list of containers says, without starting the builder, whether there can
+        # be any: a builder's containers (buildah's, podman's) are all in it.
+        if _store_lists_containers(builder, workdir) and runner.run(
             [*store, "containers", "--quiet"] if builder == "buildah" else [*store, "ps", "-aq"], quiet=True
         ):
             runner.run([*store, "rm", "--all"], quiet=True)
+        cache = _blob_cache(builder, workdir)
         if short:
             runner.run([*store, "rmi", "--all", "--force"], quiet=True)
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            _prune_blob_cache(cache)
+
+
+def _store_lists_containers(builder: str, workdir: str) -> bool:
+    """Does the builder's store hold a container, or might it (a list it cannot read)?
+
+    containers/storage keeps its containers in ``ROOT/DRIVER-containers/containers.json`` and,
+    newer versions, those marked volatile in ``RUNROOT/DRIVER-containers/volatile-containers.json``,
+    each a JSON list written whole (a temporary file renamed). Read under the store's exclusive
+    lock: no build of this workdir is changing them."""
+    storage, driver = _storage(builder, workdir)
+    for path in (
+        os.path.join(storage, "root", f"{driver}-containers", "containers.json"),
+        os.path.join(storage, "run", f"{driver}-containers", "volatile-containers.json"),
+    ):
+        try:
+            with open(path, "rb") as listing:
+                if json.load(listing):
+                    return True
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return True
+    return False
+
+
+# buildah's blob cache (``--blob-cache``, an option buildah's help does not list): bud keeps there a
+# copy of every blob it pulls or commits, a pulled compressed layer with its uncompressed twin and a
+# note on each naming the other, and push then exports a layer whose compressed form the cache
+# holds as those very bytes. The image exported to the OCI layout thus keeps its base image's own
+# layer blobs, instead of compressing them again into new ones (CPU, a new digest, a new upload).
+# Only buildah: podman's push has no such option.
+_BLOB = re.compile(r"^sha256:[0-9a-f]{64}")
+_COMPRESSED_NOTE = ".compressed"  # on an uncompressed blob's name: its compressed twin's digest
+_DECOMPRESSED_NOTE = ".decompressed"  # on a compressed blob's name: its uncompressed twin's digest
+
+
+def _blob_cache(builder: str, workdir: str) -> str:
+    return os.path.join(_storage(builder, workdir)[0], "blob-cache")
+
+
+def _export_blob_cache(builder: str, workdir: str) -> str | None:
+    """The blob cache a build and its export go through, made if need be; None: the builder has none."""
+    if builder != "buildah":
+        return None
+    cache = _blob_cache(builder, workdir)
+    os.makedirs(cache, exist_ok=True)
+    return cache
+
+
+def _drop_uncompressed_copies(cache: str, layout: str) -> None:
+    """Right after an export: remove from the blob cache the copies of the image's layers as the
+    store holds them (uncompressed, named by their diff IDs; each layer the build committed, and
+    the twins of those it pulled), so that a build's layers are not on disk twice for longer than
+    the build. Safe beside other builds: one reading such a copy keeps reading what it opened, one
+    about to open it reads the store instead. The notes and the compressed blobs stay."""
+    try:
+        with open(os.path.join(layout, "index.json"), "rb") as index_file:
+            (manifest,) = json.load(index_file)["manifests"]
+        with open(_layout_blob(layout, manifest["digest"]), "rb") as manifest_file:
+            config_digest = json.load(manifest_file)["config"]["digest"]
+        with open(_layout_blob(layout, config_digest), "rb") as config_file:
+            diff_ids = json.load(config_file)["rootfs"]["diff_ids"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the upload reads the layout again, and says what is wrong with it
+    for diff_id in diff_ids:
+        if isinstance(diff_id, str) and _BLOB.fullmatch(diff_id):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cache, diff_id))
+
+
+def _layout_blob(layout: str, digest: str) -> str:
+    if not isinstance(digest, str) or not _BLOB.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return os.path.join(layout, "blobs", "sha256", digest.split(":", 1)[1])
+
+
+def _prune_blob_cache(cache: str) -> None:
+    """Keep of the blob cache what an export uses: the compressed blobs that were pulled and the
+    notes that name them. Each build leaves more there (the uncompressed twins of what it pulled,
+    every layer and config it committed, the manifests it exported), which the store holds anyway.
+    Only with the store to itself: no build is writing into the cache."""
+    try:
+        names = set(os.listdir(cache))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not _BLOB.match(name) or name.endswith((_COMPRESSED_NOTE, _DECOMPRESSED_NOTE)):
+            continue
+        if name + _DECOMPRESSED_NOTE in names:
+            continue  # a compressed blob that was pulled: what an export reuses
+        # An uncompressed blob, a config, a manifest, or a temporary file left by a killed build.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cache, name))
 
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?)(:[0-9]{1,5})?$")
