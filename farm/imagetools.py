@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from farm import mediatypes
@@ -11,6 +10,7 @@ from farm.index import Descriptor, IndexDocument
 from farm.registry.client import RegistryClient
 from farm.registry.name import Reference
 from farm.stitch import existing_children, push_index, resolve_source
+from farm.tasks import run_all
 
 __all__ = ["InspectedChild", "Inspection", "create_index", "inspect"]
 
@@ -31,7 +31,7 @@ async def create_index(
     if any(tag.digest for tag in tags):
         raise InputError("a target must be a tag, not a digest")
     async with RegistryClient(insecure_registries=insecure_registries) as client:
-        resolved = await asyncio.gather(*(resolve_source(client, source) for source in sources))
+        resolved = await run_all(resolve_source(client, source) for source in sources)
         base = await existing_children(client, tags[0]) if append else []
         return await push_index(
             client,
@@ -66,7 +66,7 @@ async def inspect(ref: Reference, insecure_registries: tuple[str, ...]) -> Inspe
         children: list[InspectedChild] = []
         if manifest.media_type in mediatypes.INDEX_TYPES:
             source = await resolve_source(client, ref)
-            sizes = await asyncio.gather(*(_image_bytes(client, ref, child) for child in source.children))
+            sizes = await run_all(_image_bytes(client, ref, child) for child in source.children)
             children = [InspectedChild(c, size) for c, size in zip(source.children, sizes, strict=True)]
         annotations = document.get("annotations") or {}
         return Inspection(

@@ -26,13 +26,11 @@ awaited before the failure leaves, so none runs on against a registry client bei
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from farm import mediatypes
-from farm.errors import FarmError
 from farm.index import Descriptor, IndexDocument, build_index, children_of, merge_children
 from farm.platforms import Platform
 from farm.registry.client import Manifest, RegistryClient
@@ -46,6 +44,7 @@ from farm.registry.verify import (
     inspectable_layers,
     scan_layers,
 )
+from farm.tasks import FarmTaskGroup, run_all
 
 __all__ = ["Source", "existing_children", "push_index", "resolve_source"]
 
@@ -72,7 +71,7 @@ async def resolve_source(client: RegistryClient, ref: Reference) -> Source:
     if manifest.media_type in mediatypes.INDEX_TYPES:
         declared = children_of(manifest.json())
         # A per-platform index (an image with its attestation) is flattened too.
-        nested = await _all(
+        nested = await run_all(
             client.get_manifest(ref.with_digest(child.digest))
             for child in declared
             if child.media_type in mediatypes.INDEX_TYPES
@@ -132,7 +131,7 @@ async def push_index(
     repositories = _repositories(tags)
     # A layer is scanned where its image was read: by its digest it is the very blob mounted
     # into the targets, so the copies and the scans need not wait for each other.
-    async with _TaskGroup() as group:
+    async with FarmTaskGroup() as group:
         for repository in repositories:
             group.create_task(_copy_into(client, repository, levels))
         scanning = group.create_task(scan_layers(client, unscanned))
@@ -142,7 +141,7 @@ async def push_index(
     if len(repositories) > 1:
         # Every repository takes the index before any tag moves, so that one refusing it leaves
         # every tag as it was. In a single repository the first tag's PUT is that test.
-        await _all(
+        await run_all(
             client.put_manifest(repository.with_digest(index.digest), index.raw, index.media_type)
             for repository in repositories
         )
@@ -209,7 +208,7 @@ async def _read_manifests(
     while wanted:
         seen.update(wanted)
         refs = [repository.with_digest(digest) for digest, repository in wanted.items()]
-        manifests = await _all(held.manifest(client, ref) for ref in refs)
+        manifests = await run_all(held.manifest(client, ref) for ref in refs)
         level = {ref.digest: _Read(ref, manifest) for ref, manifest in zip(refs, manifests, strict=True)}
         levels.append(level)
         wanted = {
@@ -235,7 +234,7 @@ async def _read_images(
         for child in children
         if not child.is_attestation and child.platform is not None
     ]
-    configs = await _all(
+    configs = await run_all(
         held.config(client, image.ref, str(image.document["config"]["digest"])) for image in images
     )
     for image, config in zip(images, configs, strict=True):
@@ -260,10 +259,10 @@ async def _copy_into(
         for blob in [document["config"], *document.get("layers", [])]:
             if not blob.get("urls"):  # a foreign layer lives elsewhere by design
                 blobs.setdefault(str(blob["digest"]), (read.ref, int(blob["size"])))
-    await _all(_put_blob(client, target, digest, *where) for digest, where in blobs.items())
+    await run_all(_put_blob(client, target, digest, *where) for digest, where in blobs.items())
     indexes_deepest_first = [[read for read in level if read.is_index] for level in reversed(foreign)]
     for batch in [images, *indexes_deepest_first]:
-        await _all(
+        await run_all(
             client.put_manifest(
                 target.with_digest(read.ref.digest), read.manifest.raw, read.manifest.media_type
             )
@@ -285,7 +284,7 @@ async def _put_blob(
 
 
 async def _already_tagged(client: RegistryClient, tags: Sequence[Reference], digest: str) -> bool:
-    found = await _all(client.head_manifest(tag) for tag in tags)
+    found = await run_all(client.head_manifest(tag) for tag in tags)
     return all(info is not None and info.digest == digest for info in found)
 
 
@@ -294,41 +293,3 @@ def _repositories(tags: Sequence[Reference]) -> list[Reference]:
     for tag in tags:
         seen.setdefault(tag.name, tag)
     return list(seen.values())
-
-
-class _TaskGroup:
-    """An ``asyncio.TaskGroup`` whose failure, when it is farm errors only, leaves as the first of
-    them, as ``asyncio.gather`` raised it: a caller catching ``RegistryError`` still catches it,
-    and the message a user sees is the one it was. Anything else (a bug among them) leaves as the
-    group, so that no bug hides behind a registry error."""
-
-    def __init__(self) -> None:
-        self._group = asyncio.TaskGroup()
-
-    async def __aenter__(self) -> asyncio.TaskGroup:
-        return await self._group.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        try:
-            await self._group.__aexit__(*exc_info)
-        except BaseExceptionGroup as failed:
-            leaves = _leaves(failed)
-            if not all(isinstance(leaf, FarmError) for leaf in leaves):
-                raise
-            first = leaves[0]
-        else:
-            return
-        raise first
-
-
-async def _all(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
-    """Run ``coroutines`` concurrently in a ``_TaskGroup``; their results, in order."""
-    async with _TaskGroup() as group:
-        tasks = [group.create_task(coroutine) for coroutine in coroutines]
-    return [task.result() for task in tasks]
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]

@@ -27,6 +27,7 @@ from farm.index import Descriptor
 from farm.platforms import Platform, normalize
 from farm.registry.client import Manifest, RegistryClient
 from farm.registry.name import Reference
+from farm.tasks import run_all
 
 __all__ = [
     "LayerScan",
@@ -136,9 +137,7 @@ def check_executables(platform: Platform, layers: Iterable[str], scans: Mapping[
 
 async def scan_layers(client: RegistryClient, layers: Mapping[str, Reference]) -> dict[str, LayerScan]:
     """Scan ``layers`` (digest: the repository to read it from) for ELF executables, concurrently."""
-    scanned = await asyncio.gather(
-        *(_scan_layer(client, repository, digest) for digest, repository in layers.items())
-    )
+    scanned = await run_all(_scan_layer(client, repository, digest) for digest, repository in layers.items())
     return dict(zip(layers, scanned, strict=True))
 
 
