@@ -120,6 +120,16 @@ def agent_storage_driver(repo: Path, probe_dir: Path) -> str:
 # --- running and timing --------------------------------------------------------------------------
 
 
+def wall_time(argv: Sequence[str]) -> float:
+    """Run ``argv`` quietly and return its wall time; exit the benchmark with its error if it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(list(argv), capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return elapsed
+
+
 def timed(
     command: Sequence[str],
     env: Mapping[str, str] | None,

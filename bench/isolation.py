@@ -23,30 +23,19 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 from buildnode import build_user_workdir, remove
-from common import figure, write_json
+from common import figure, wall_time, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 SIDES = {
     "contained": ("", []),
     "uncontained": ("    isolation: chroot\n", ["--network", "host"]),
 }
-
-
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return elapsed
 
 
 def main() -> int:
@@ -78,7 +67,7 @@ def main() -> int:
                     "nodes:\n  - name: local\n    local: true\n    slots: 8\n"
                     f"    workdir: {workdir}\n{node_fields}"
                 )
-                seconds[side] = timed(
+                seconds[side] = wall_time(
                     [
                         farm, "build", "-t", f"{args.registry}/bench/isolation:{uuid.uuid4().hex[:12]}",
                         "--platform", args.platforms, "--no-cache", "--progress", "plain",

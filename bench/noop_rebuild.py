@@ -19,25 +19,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 from buildnode import build_user_workdir
-from common import at_most, write_json
+from common import at_most, wall_time, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 PLATFORMS = "linux/amd64,linux/arm64,linux/arm/v7,linux/arm/v6,linux/s390x,linux/ppc64le,linux/386"
 TARGET = 0.05
-
-
-def timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return elapsed
 
 
 def _unmount_below(path: Path) -> None:
@@ -76,8 +66,8 @@ def main() -> int:
                 farm, "build", "-t", f"{args.registry}/bench/noop:{uuid.uuid4().hex[:12]}",
                 "--platform", PLATFORMS, "--progress", "plain", "--inventory", str(inventory), str(context),
             ]  # fmt: skip
-            cold = timed(command)
-            noop = timed(command)
+            cold = wall_time(command)
+            noop = wall_time(command)
             _unmount_below(root)
         ratios.append(noop / cold)
         rounds.append({"round": number, "cold_s": cold, "noop_s": noop, "ratio": noop / cold})

@@ -289,6 +289,32 @@ def farm(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None)
     return FarmRun(done.returncode, done.stdout, done.stderr)
 
 
+def stuck_run(marker: str) -> str:
+    """A RUN line that says it started, then waits for an hour: a build to stop half-way."""
+    return f"RUN echo started-{marker}; sleep 3600; echo {marker}"
+
+
+def start_farm(*args: str) -> subprocess.Popen[str]:
+    """``farm ARGS`` in the background, its output (stdout and stderr together) read line by line."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "farm", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_started(farm: subprocess.Popen[str], marker: str, count: int = 1) -> set[str]:
+    """Read ``farm --progress plain`` output until ``count`` platforms ran ``stuck_run(marker)``;
+    return their line prefixes (``[PLATFORM NODE``)."""
+    assert farm.stdout is not None
+    started: set[str] = set()
+    for line in farm.stdout:
+        if line.rstrip().endswith(f"] started-{marker}"):
+            started.add(line.split("]")[0])
+            if len(started) == count:
+                break
+    assert len(started) == count, f"{len(started)} of {count} platforms started before farm ended"
+    return started
+
+
 def write_inventory(path: Path, **node: object) -> Path:
     """An inventory with one local node; ``node`` overrides its fields."""
     fields = {"name": "local", "local": True, "slots": 8, **node}

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,21 +58,13 @@ def test_an_agent_killed_mid_build_leaves_nothing_running_and_its_container_is_c
     marker = f"farm-agent-killed-{uuid.uuid4().hex[:8]}"
     context = tmp_path / "ctx"
     context.mkdir()
-    (context / "Dockerfile").write_text(
-        f"FROM {registry.host}/library/busybox\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
-    )
-    farm = subprocess.Popen(
-        [
-            sys.executable, "-m", "farm", "build", "-t", f"{registry.host}/agent/killed:1",
-            "--platform", "linux/arm64", "--progress", "plain", "--inventory", str(inventory), str(context),
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    (context / "Dockerfile").write_text(f"FROM {registry.host}/library/busybox\n{lab.stuck_run(marker)}\n")
+    farm = lab.start_farm(
+        "build", "-t", f"{registry.host}/agent/killed:1", "--platform", "linux/arm64", "--progress", "plain",
+        "--inventory", str(inventory), str(context),
     )  # fmt: skip
     try:
-        assert farm.stdout is not None
-        for line in farm.stdout:
-            if line.rstrip().endswith(f"] started-{marker}"):
-                break
+        lab.wait_started(farm, marker)
         assert lab.processes_running(marker)
         (agent,) = agents(node_workdir)
         os.kill(agent, signal.SIGKILL)

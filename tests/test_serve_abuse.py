@@ -121,11 +121,11 @@ def memory_kib(pid: int, field: str) -> int:
 
 @contextlib.contextmanager
 def more_open_files(wanted: int) -> Iterator[None]:
-    """This test process may hold ``wanted`` sockets (the soft limit is often 1024)."""
+    """This test process may hold ``wanted`` sockets (the soft limit is often 1024; the suite runs
+    as root, which may raise the hard one too)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        pytest.skip(f"the open-files limit ({hard}) is below {wanted}")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    raised = hard if hard == resource.RLIM_INFINITY else max(hard, wanted)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), raised))
     try:
         yield
     finally:

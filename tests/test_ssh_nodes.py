@@ -7,7 +7,6 @@ import json
 import signal
 import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,20 +137,13 @@ def test_a_dead_node_is_found_when_its_link_is_cut_and_its_build_stops(
     node = three.nodes[2]
     inventory = three.write_inventory(tmp_path / "inventory.yaml", [node])
     marker = f"farm-cut-{uuid.uuid4().hex[:8]}"
-    context = small_context(
-        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
-    )
-    farm = subprocess.Popen(
-        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/cut:1",
-         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64", "--progress", "plain",
-         "--inventory", str(inventory), str(context)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    context = small_context(tmp_path / "ctx", lab_registry, f"FROM BASE\n{lab.stuck_run(marker)}\n")
+    farm = lab.start_farm(
+        "build", "-t", f"{lab_registry.host}/ssh/cut:1", "--insecure-registry", lab_registry.host,
+        "--platform", "linux/amd64", "--progress", "plain", "--inventory", str(inventory), str(context),
     )  # fmt: skip
     try:
-        assert farm.stdout is not None
-        for line in farm.stdout:
-            if line.rstrip().endswith(f"] started-{marker}"):
-                break
+        lab.wait_started(farm, marker)
         assert processes_running(marker)
         node.cut_link()
         # Keepalives (every 5 s, 3 missed) tell the coordinator; the timeout only guards a hang.
@@ -172,24 +164,14 @@ def test_cancelling_a_build_leaves_no_process_on_any_node(
 ) -> None:
     inventory = three.write_inventory(tmp_path / "inventory.yaml", slots=1)
     marker = f"farm-ssh-cancel-{uuid.uuid4().hex[:8]}"
-    context = small_context(
-        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
-    )
-    farm = subprocess.Popen(
-        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/cancel:1",
-         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64,linux/arm64,linux/s390x",
-         "--progress", "plain", "--inventory", str(inventory), str(context)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    context = small_context(tmp_path / "ctx", lab_registry, f"FROM BASE\n{lab.stuck_run(marker)}\n")
+    farm = lab.start_farm(
+        "build", "-t", f"{lab_registry.host}/ssh/cancel:1", "--insecure-registry", lab_registry.host,
+        "--platform", "linux/amd64,linux/arm64,linux/s390x", "--progress", "plain",
+        "--inventory", str(inventory), str(context),
     )  # fmt: skip
     try:
-        assert farm.stdout is not None
-        started = set()
-        for line in farm.stdout:
-            if line.rstrip().endswith(f"] started-{marker}"):
-                started.add(line.split("]")[0])
-                if len(started) == 3:
-                    break
-        assert len(started) == 3
+        lab.wait_started(farm, marker, count=3)
         farm.send_signal(signal.SIGTERM)
         farm.communicate(timeout=60)
     finally:
@@ -210,20 +192,13 @@ def test_a_coordinator_killed_mid_run_leaves_no_process_mount_or_container_on_th
     node = three.nodes[0]
     inventory = three.write_inventory(tmp_path / "inventory.yaml", [node])
     marker = f"farm-ssh-killed-{uuid.uuid4().hex[:8]}"
-    context = small_context(
-        tmp_path / "ctx", lab_registry, f"FROM BASE\nRUN echo started-{marker}; sleep 3600; echo {marker}\n"
-    )
-    farm = subprocess.Popen(
-        [sys.executable, "-m", "farm", "build", "-t", f"{lab_registry.host}/ssh/killed:1",
-         "--insecure-registry", lab_registry.host, "--platform", "linux/amd64",
-         "--progress", "plain", "--inventory", str(inventory), str(context)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    context = small_context(tmp_path / "ctx", lab_registry, f"FROM BASE\n{lab.stuck_run(marker)}\n")
+    farm = lab.start_farm(
+        "build", "-t", f"{lab_registry.host}/ssh/killed:1", "--insecure-registry", lab_registry.host,
+        "--platform", "linux/amd64", "--progress", "plain", "--inventory", str(inventory), str(context),
     )  # fmt: skip
     try:
-        assert farm.stdout is not None
-        for line in farm.stdout:
-            if line.rstrip().endswith(f"] started-{marker}"):
-                break
+        lab.wait_started(farm, marker)
         assert processes_running(marker)
         farm.kill()  # SIGKILL: no goodbye to the agent, only its stdin closing
     finally:

@@ -66,7 +66,7 @@ def test_a_registry_host_that_could_add_settings_is_refused(tmp_path: Path, host
         spec(tmp_path, insecure_registries=[host])
 
 
-@pytest.mark.parametrize("host", ["localhost:5000", "10.213.4.1:40781", "registry.lab", "[::1]:5000"])
+@pytest.mark.parametrize("host", ["localhost:5000", "127.0.0.1:40781", "registry.lab", "[::1]:5000"])
 def test_registry_hosts_are_taken_as_they_are(tmp_path: Path, host: str) -> None:
     assert spec(tmp_path, insecure_registries=[host]).insecure_registries == [host]
 
